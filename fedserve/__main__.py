@@ -1,0 +1,3 @@
+from fedserve.cli import main
+
+main()

@@ -1,0 +1,11 @@
+"""Placeholder views, replaced as the endpoints are built."""
+
+from rest_framework.views import APIView
+
+
+class GroupListCreate(APIView):
+    pass
+
+
+class GroupDetail(APIView):
+    pass

@@ -1,0 +1,148 @@
+"""The `fedserve` command: serve, worker, manage and demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+logger = logging.getLogger("fedserve.cli")
+
+
+def _setup_django() -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "fedserve.settings")
+    import django
+
+    django.setup()
+
+
+def _migrate_if_embedded() -> None:
+    from django.conf import settings
+    from django.core.management import call_command
+
+    if settings.EMBEDDED_DATABASE:
+        call_command("migrate", interactive=False, verbosity=0)
+        logger.info("database migrated: %s", settings.DATABASES["default"]["NAME"])
+
+
+def serve(host: str, port: int, workers: int, threads: int) -> None:
+    """Run the API under gunicorn with threaded workers."""
+    _setup_django()
+    _migrate_if_embedded()
+
+    from django.conf import settings
+    from gunicorn.app.base import BaseApplication
+
+    from fedserve.wsgi import application
+
+    if settings.EMBEDDED_DATABASE and workers != 1:
+        # The in-process worker and SQLite's single writer want one process.
+        logger.warning("the embedded default runs one process; ignoring --workers %s", workers)
+        workers = 1
+
+    class _Server(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            options: dict[str, Any] = {
+                "bind": f"{host}:{port}",
+                "workers": workers,
+                "worker_class": "gthread",
+                "threads": threads,
+                # Uploads of large models and long polls hold a request open for minutes.
+                "timeout": 0,
+                "graceful_timeout": 10,
+                "accesslog": "-",
+                "loglevel": os.environ.get("FEDSERVE_LOG_LEVEL", "info").lower(),
+            }
+            for key, value in options.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            return application
+
+    url_host = f"[{host}]" if ":" in host else host
+    logger.info(
+        "fedserve serves http://%s:%s/api/ (docs at /api/schema/swagger-ui/)", url_host, port
+    )
+    _Server().run()
+
+
+def worker(concurrency: int) -> None:
+    """Run a Celery worker for the background tasks."""
+    _setup_django()
+    from django.conf import settings
+
+    if not settings.CELERY_BROKER_URL:
+        sys.exit(
+            "fedserve worker needs CELERY_BROKER_URL (for example redis://127.0.0.1:6379/0); "
+            "without it, `fedserve serve` runs background work in-process."
+        )
+    from fedserve.tasks import app
+
+    app.worker_main(
+        ["worker", "--loglevel=INFO", f"--concurrency={concurrency}", "--beat"]
+        if os.environ.get("FEDSERVE_WORKER_BEAT", "true").lower() in {"1", "true", "yes"}
+        else ["worker", "--loglevel=INFO", f"--concurrency={concurrency}"]
+    )
+
+
+def manage(arguments: list[str]) -> None:
+    """Pass arguments through to Django's management commands."""
+    _setup_django()
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(["fedserve manage", *arguments])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedserve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve_parser = commands.add_parser("serve", help="run the API server")
+    serve_parser.add_argument("--host", default="127.0.0.1", help="address to bind")
+    serve_parser.add_argument("--port", type=int, default=8000, help="TCP port to bind")
+    serve_parser.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("FEDSERVE_WORKERS", "1")),
+        help="worker processes (production only; the embedded default uses one)",
+    )
+    serve_parser.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("FEDSERVE_THREADS", "32")),
+        help="request threads per worker process",
+    )
+
+    worker_parser = commands.add_parser("worker", help="run a background worker (Celery)")
+    worker_parser.add_argument("--concurrency", type=int, default=2, help="task processes")
+
+    manage_parser = commands.add_parser("manage", help="run a Django management command")
+    manage_parser.add_argument("arguments", nargs=argparse.REMAINDER)
+
+    demo_parser = commands.add_parser("demo", help="run a federated training end to end")
+    demo_parser.add_argument("arguments", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(
+        level=os.environ.get("FEDSERVE_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        serve(args.host, args.port, args.workers, args.threads)
+    elif args.command == "worker":
+        worker(args.concurrency)
+    elif args.command == "manage":
+        manage(args.arguments)
+    elif args.command == "demo":
+        from fedserve.demo import main as demo_main
+
+        demo_main(args.arguments)
+
+
+if __name__ == "__main__":
+    main()
