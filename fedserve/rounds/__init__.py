@@ -11,7 +11,7 @@ import logging
 from django.db import transaction
 from django.utils import timezone
 
-from fedserve.core.models import Model, Training, TrainingState
+from fedserve.core.models import Model, RoundPhase, Training, TrainingState
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +21,12 @@ def start_training(training: Training) -> None:
     with transaction.atomic():
         locked = Training.objects.select_for_update().get(pk=training.pk)
         locked.state = TrainingState.ONGOING
+        locked.phase = RoundPhase.UPDATE
+        locked.phase_round = locked.model.round
         locked.phase_started_at = timezone.now()
-        locked.save(update_fields=["state", "phase_started_at", "last_update"])
+        locked.save(
+            update_fields=["state", "phase", "phase_round", "phase_started_at", "last_update"]
+        )
     training.refresh_from_db()
     logger.info("training %s started", training.pk)
 
