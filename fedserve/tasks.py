@@ -1,15 +1,24 @@
 """Background tasks: a Celery app in production, an in-process runner on the embedded default.
 
-`enqueue` is the only way code schedules work. Tasks take ids, are idempotent, and are
-acknowledged late, so a task that dies with its worker runs again.
+Code schedules work only through `enqueue` (or `enqueue_on_commit`). Tasks take ids, are
+idempotent and are acknowledged late, so a task that dies with its worker runs again.
+Without CELERY_BROKER_URL the same task functions run on threads of the serving process.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from celery import Celery
 from django.conf import settings
+from django.db import close_old_connections, transaction
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +28,122 @@ app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
-    task_default_queue="fedserve",
+    task_default_queue=getattr(settings, "CELERY_TASK_DEFAULT_QUEUE", "fedserve"),
     broker_connection_retry_on_startup=True,
+    task_serializer="json",
+    accept_content=["json"],
+    result_backend=None,
+    task_ignore_result=True,
 )
+
+_functions: dict[str, Callable[..., Any]] = {}
+_periodic: dict[str, float] = {}
+
+
+def task(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a function as a background task under `name` (Celery and in-process)."""
+
+    def register(function: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _functions:
+            raise ValueError(f"task {name!r} is registered twice")
+        _functions[name] = function
+        app.task(name=name, acks_late=True, reject_on_worker_lost=True)(_closing(function))
+        return function
+
+    return register
+
+
+def periodic(name: str, every_seconds: float) -> None:
+    """Run the registered task `name` every `every_seconds` seconds (Celery beat or in-process)."""
+    _periodic[name] = every_seconds
+    app.conf.beat_schedule = {
+        task_name: {"task": task_name, "schedule": interval}
+        for task_name, interval in _periodic.items()
+    }
+
+
+def enqueue(name: str, *args: Any, countdown: float = 0.0) -> None:
+    """Schedule task `name` with JSON-serialisable `args`, after `countdown` seconds."""
+    if name not in _functions:
+        raise KeyError(f"unknown task {name!r}")
+    if settings.CELERY_BROKER_URL:
+        app.send_task(name, args=list(args), countdown=countdown or None)
+    else:
+        _runner().submit(name, args, countdown)
+
+
+def enqueue_on_commit(name: str, *args: Any, countdown: float = 0.0) -> None:
+    """Schedule a task once the current transaction commits (at once outside a transaction)."""
+    transaction.on_commit(lambda: enqueue(name, *args, countdown=countdown))
+
+
+def run_now(name: str, *args: Any) -> Any:
+    """Run a task in the calling thread; for tests and management commands."""
+    return _closing(_functions[name])(*args)
+
+
+def _closing(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a task so that it never reuses a database connection that went stale."""
+
+    def run(*args: Any) -> Any:
+        close_old_connections()
+        try:
+            return function(*args)
+        finally:
+            close_old_connections()
+
+    run.__name__ = function.__name__
+    run.__doc__ = function.__doc__
+    return run
+
+
+class InProcessRunner:
+    """Runs tasks on a thread pool of the serving process, with delays and periodic tasks."""
+
+    def __init__(self, threads: int = 4) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fedserve-task")
+        self._queue: list[tuple[float, int, str, tuple[Any, ...]]] = []
+        self._sequence = itertools.count()
+        self._wakeup = threading.Condition()
+        self._thread = threading.Thread(target=self._schedule, name="fedserve-tasks", daemon=True)
+        self._thread.start()
+        now = time.monotonic()
+        for name, interval in _periodic.items():
+            self._push(now + interval, name, ())
+
+    def submit(self, name: str, args: tuple[Any, ...], countdown: float) -> None:
+        self._push(time.monotonic() + max(countdown, 0.0), name, tuple(args))
+
+    def _push(self, due: float, name: str, args: tuple[Any, ...]) -> None:
+        with self._wakeup:
+            heapq.heappush(self._queue, (due, next(self._sequence), name, args))
+            self._wakeup.notify()
+
+    def _schedule(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._queue or self._queue[0][0] > time.monotonic():
+                    timeout = self._queue[0][0] - time.monotonic() if self._queue else None
+                    self._wakeup.wait(timeout)
+                _due, _seq, name, args = heapq.heappop(self._queue)
+            if name in _periodic and not args:
+                self._push(time.monotonic() + _periodic[name], name, ())
+            self._pool.submit(self._run, name, args)
+
+    def _run(self, name: str, args: tuple[Any, ...]) -> None:
+        try:
+            _closing(_functions[name])(*args)
+        except Exception:
+            logger.exception("task %s%r failed", name, args)
+
+
+_runner_instance: InProcessRunner | None = None
+_runner_lock = threading.Lock()
+
+
+def _runner() -> InProcessRunner:
+    global _runner_instance
+    with _runner_lock:
+        if _runner_instance is None:
+            _runner_instance = InProcessRunner()
+        return _runner_instance
