@@ -1,7 +1,4 @@
-"""Read fedserve's configuration from environment variables.
-
-Every setting fedserve reads is listed here and documented in the README.
-"""
+"""Readers for fedserve's environment variables; every variable is documented in the README."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Who may do what. Every view asks here; nothing else in the API decides access.
+"""Access rules for every endpoint. Views call these checks; nothing else decides access.
 
 Roles relative to an object: the owner of a model, the actor of its training, the
 participants of that training, and superusers. Every `require_*` function raises

@@ -13,7 +13,7 @@ class OptionsError(ValueError):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class UncertaintyOptions:
-    """How inference samples: `N` stochastic passes, and whether outputs get a softmax."""
+    """Sampling settings for inference: `N` stochastic passes, and whether outputs get a softmax."""
 
     N: int = 10
     softmax: bool = False
