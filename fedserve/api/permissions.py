@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import Group
+from django.db.models import Q, QuerySet
 from rest_framework.exceptions import PermissionDenied
 
 from fedserve.core.models import Model, ModelKind, Training
@@ -102,6 +104,16 @@ def require_upload_swag(user: Any, model: Model) -> None:
         )
 
 
+def trainings_acted_by(user: Any) -> QuerySet[Training]:
+    """Trainings listed at GET trainings/: those the user is the actor of."""
+    return Training.objects.filter(actor_id=user.pk)
+
+
+def trainings_involving(user: Any) -> QuerySet[Training]:
+    """Trainings listed at GET users/trainings/: the user is the actor or a participant."""
+    return Training.objects.filter(Q(actor_id=user.pk) | Q(participants=user.pk)).distinct()
+
+
 def require_create_training(user: Any, model: Model) -> None:
     """Create a training: the owner of the model."""
     if model.owner_id != user.pk and not _is_superuser(user):
@@ -135,6 +147,16 @@ def require_use_model_for_inference(user: Any, model: Model) -> None:
             f"You may not run inference on model {model.pk}: only its owner, the actor and "
             "the participants of its training may."
         )
+
+
+def require_registration_open(user: Any) -> None:
+    """Registration: anyone while FEDSERVE_OPEN_REGISTRATION is on, superusers always."""
+    if settings.FEDSERVE_OPEN_REGISTRATION or _is_superuser(user):
+        return
+    raise PermissionDenied(
+        "Registration is closed on this server (FEDSERVE_OPEN_REGISTRATION is off); ask an "
+        "administrator to create your account."
+    )
 
 
 def require_list_groups(user: Any) -> None:

@@ -54,5 +54,9 @@ urlpatterns = [
         SpectacularSwaggerView.as_view(url_name="schema"),
         name="schema-swagger-ui",
     ),
-    path("schema/redoc/", SpectacularRedocView.as_view(url_name="schema"), name="schema-redoc"),
+    path(
+        "schema/redoc/",
+        SpectacularRedocView.as_view(url_name="schema", template_name="fedserve/redoc.html"),
+        name="schema-redoc",
+    ),
 ]
