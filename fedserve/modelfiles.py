@@ -1,0 +1,567 @@
+"""Read and write model files: the only module that turns bytes into PyTorch objects and back.
+
+Formats are detected by content, never by file name:
+
+- TorchScript archive (`torch.jit.save`): a zip with `code/` and `constants.pkl`, read with
+  `torch.jit.load`.
+- `torch.save` file of a state dict or a single tensor: a zip with `data.pkl` (or the legacy
+  pre-1.6 pickle format), read with `torch.load(weights_only=True)`, whose unpickler builds
+  only tensors and plain containers.
+- safetensors: an 8-byte little-endian header length, a JSON header, then raw tensor data.
+- a pickled `nn.Module` (`torch.save` of a whole module): unpickling it runs code chosen by
+  the file's author, so it is read only when `settings.FEDSERVE_ALLOW_PICKLED_MODULES` is on.
+
+Functions take a binary, seekable file object (or bytes) and leave its position undefined.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import pickle
+import struct
+import sys
+import zipfile
+from collections.abc import Iterator, Mapping
+from typing import IO, Any
+
+import safetensors.torch
+import torch
+from django.conf import settings
+
+from fedserve.core.models import FileFormat
+
+logger = logging.getLogger(__name__)
+
+FileSource = IO[bytes] | bytes
+
+# Largest safetensors header accepted (100 MB), far above the header of any real model.
+_MAX_SAFETENSORS_HEADER = 100_000_000
+# Bytes read at a time when scanning stored tensor data for NaN and infinity.
+_SCAN_CHUNK_BYTES = 8 * 1024 * 1024
+
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "C64": torch.complex64,
+}
+
+
+_FORMAT_NAMES = {
+    FileFormat.TORCHSCRIPT: "a TorchScript archive",
+    FileFormat.STATE_DICT: "a torch.save file of weights",
+    FileFormat.SAFETENSORS: "a safetensors file",
+    FileFormat.PICKLED_MODULE: "a pickled Python object",
+}
+
+
+class ModelFileError(ValueError):
+    """A file that is not a model file fedserve reads; the message lists the accepted formats."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"{problem} Accepted formats: {accepted_formats()}.")
+        self.problem = problem
+
+
+def accepted_formats() -> str:
+    """Describe the formats this server reads, as used in error messages."""
+    formats = [
+        "a TorchScript archive from torch.jit.save",
+        "a torch.save file of a state dict or a tensor (read weights-only)",
+        "a safetensors file",
+    ]
+    if settings.FEDSERVE_ALLOW_PICKLED_MODULES:
+        formats.append("a torch.save file of a whole nn.Module (enabled on this server)")
+    return "; ".join(formats)
+
+
+def _as_file(source: FileSource) -> IO[bytes]:
+    if isinstance(source, bytes | bytearray | memoryview):
+        return io.BytesIO(bytes(source))
+    source.seek(0)
+    return source
+
+
+# Format detection
+
+
+def detect_format(fileobj: FileSource) -> FileFormat:
+    """Tell the format of a model file from its content; raise ModelFileError if unknown."""
+    handle = _as_file(fileobj)
+    head = handle.read(8)
+    handle.seek(0)
+    if len(head) < 8:
+        raise ModelFileError(f"The file is {len(head)} bytes long, too short for a model file.")
+
+    if head.startswith(b"PK\x03\x04"):
+        return _detect_zip_format(handle)
+    if head.startswith(b"\x80"):
+        return _detect_legacy_torch_save(handle)
+    if _read_safetensors_header(handle, strict=False) is not None:
+        return FileFormat.SAFETENSORS
+    raise ModelFileError(
+        "The file is neither a zip archive (TorchScript or torch.save) nor a safetensors file."
+    )
+
+
+def _detect_zip_format(handle: IO[bytes]) -> FileFormat:
+    try:
+        with zipfile.ZipFile(handle) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise ModelFileError(
+            f"The file starts like a zip archive but is damaged ({error})."
+        ) from None
+    finally:
+        handle.seek(0)
+
+    # Every record sits in one top-level folder whose name torch.save and torch.jit.save choose.
+    records = {name.split("/", 1)[1] for name in names if "/" in name}
+    if "constants.pkl" in records and any(record.startswith("code/") for record in records):
+        return FileFormat.TORCHSCRIPT
+    if "data.pkl" not in records:
+        raise ModelFileError(
+            "The file is a zip archive but neither a TorchScript archive nor a torch.save file."
+        )
+    if _unsafe_globals(handle):
+        return FileFormat.PICKLED_MODULE
+    return FileFormat.STATE_DICT
+
+
+def _unsafe_globals(handle: IO[bytes]) -> list[str]:
+    """List the Python objects a torch.save file refers to beyond weights-only ones.
+
+    The pickle is disassembled, not run.
+    """
+    disassemble = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if disassemble is None:
+        # Older torch releases lack the disassembler; a weights-only load of the pickle on the
+        # meta device (no tensor data) decides instead.
+        try:
+            torch.load(handle, map_location="meta", weights_only=True)
+        except pickle.UnpicklingError:
+            return ["Python objects"]
+        except Exception as error:
+            raise ModelFileError(f"The torch.save file cannot be read ({error}).") from None
+        finally:
+            handle.seek(0)
+        return []
+    try:
+        found = disassemble(handle)
+    except Exception as error:  # damaged pickles raise several exception types
+        raise ModelFileError(f"The torch.save file cannot be read ({error}).") from None
+    finally:
+        handle.seek(0)
+    return sorted(found)
+
+
+def _detect_legacy_torch_save(handle: IO[bytes]) -> FileFormat:
+    # The legacy format has no disassembler, so a weights-only load decides whether it is data.
+    try:
+        torch.load(handle, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights_only" in str(error) or "Unsupported global" in str(error):
+            return FileFormat.PICKLED_MODULE
+        raise ModelFileError(f"The file is not a readable torch.save file ({error}).") from None
+    except Exception as error:
+        raise ModelFileError(f"The file is not a readable torch.save file ({error}).") from None
+    finally:
+        handle.seek(0)
+    return FileFormat.STATE_DICT
+
+
+# Loading
+
+
+def load_module(
+    fileobj: FileSource, fmt: str | None = None, *, map_location: str | None = None
+) -> torch.nn.Module:
+    """Load a runnable module from a TorchScript archive or, where enabled, a pickled module.
+
+    `map_location="meta"` reads only the architecture and tensor shapes, not the weights.
+    """
+    handle = _as_file(fileobj)
+    fmt = fmt or detect_format(handle)
+    handle.seek(0)
+
+    if fmt == FileFormat.TORCHSCRIPT:
+        try:
+            return torch.jit.load(handle, map_location=map_location)
+        except Exception as error:  # TorchScript raises RuntimeError and others on bad archives
+            raise ModelFileError(f"The TorchScript archive cannot be loaded ({error}).") from None
+    if fmt == FileFormat.PICKLED_MODULE:
+        module = _load_pickled(handle, map_location=map_location)
+        if not isinstance(module, torch.nn.Module):
+            raise ModelFileError(
+                f"The torch.save file contains a {type(module).__name__}, not an nn.Module."
+            )
+        return module
+    raise ModelFileError(
+        "The file contains only weights, but a global model needs an architecture: save the "
+        "module with torch.jit.save(torch.jit.script(model), path)."
+    )
+
+
+def _load_pickled(handle: IO[bytes], *, map_location: str | None) -> Any:
+    if not settings.FEDSERVE_ALLOW_PICKLED_MODULES:
+        raise ModelFileError(
+            f"{_describe_pickle(handle)} Reading them would run code from the file, so this "
+            "server does not unpickle them (FEDSERVE_ALLOW_PICKLED_MODULES is off). Save the "
+            "model with torch.jit.save, or send its state_dict()."
+        )
+    handle.seek(0)
+    try:
+        # Allowed by the operator through FEDSERVE_ALLOW_PICKLED_MODULES; this runs file code.
+        return torch.load(handle, map_location=map_location or "cpu", weights_only=False)
+    except Exception as error:
+        raise ModelFileError(f"The pickled module cannot be loaded ({error}).") from None
+
+
+def _describe_pickle(handle: IO[bytes]) -> str:
+    names = ", ".join(_unsafe_globals(handle)[:5]) if _is_zip(handle) else "Python objects"
+    return f"The torch.save file contains pickled Python objects ({names})."
+
+
+def _is_zip(handle: IO[bytes]) -> bool:
+    handle.seek(0)
+    head = handle.read(4)
+    handle.seek(0)
+    return head == b"PK\x03\x04"
+
+
+def load_state_dict(
+    fileobj: FileSource, fmt: str | None = None, *, map_location: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Load a state dict (buffers included) from a file in any accepted format.
+
+    `map_location="meta"` returns tensors with shapes and dtypes but no data, without
+    reading the data from the file.
+    """
+    handle = _as_file(fileobj)
+    fmt = fmt or detect_format(handle)
+    handle.seek(0)
+
+    if fmt in (FileFormat.TORCHSCRIPT, FileFormat.PICKLED_MODULE):
+        module = load_module(handle, fmt, map_location=map_location)
+        return dict(module.state_dict())
+    if fmt == FileFormat.SAFETENSORS:
+        return _load_safetensors(handle, map_location=map_location)
+    if fmt == FileFormat.STATE_DICT:
+        loaded = _load_weights_only(handle, map_location=map_location)
+        return _as_state_dict(loaded)
+    raise ModelFileError(f"The file format {fmt!r} is unknown.")
+
+
+def _load_weights_only(handle: IO[bytes], *, map_location: str | None) -> Any:
+    handle.seek(0)
+    try:
+        return torch.load(handle, map_location=map_location or "cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ModelFileError(
+            "The torch.save file contains Python objects other than tensors and plain "
+            f"containers, which this server does not unpickle ({_first_line(error)})."
+        ) from None
+    except Exception as error:
+        raise ModelFileError(f"The torch.save file cannot be read ({error}).") from None
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _as_state_dict(loaded: Any) -> dict[str, torch.Tensor]:
+    if not isinstance(loaded, Mapping):
+        raise ModelFileError(
+            f"The torch.save file contains a {type(loaded).__name__}, not a state dict "
+            "(a dict from parameter names to tensors)."
+        )
+    state_dict: dict[str, torch.Tensor] = {}
+    for key, value in loaded.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ModelFileError(
+                f"The state dict entry {key!r} is a {type(value).__name__}; a state dict maps "
+                "names (str) to tensors only."
+            )
+        state_dict[key] = value
+    return state_dict
+
+
+def load_tensor(fileobj: FileSource) -> torch.Tensor:
+    """Load one tensor from a weights-only torch.save file or a one-tensor safetensors file."""
+    handle = _as_file(fileobj)
+    fmt = detect_format(handle)
+    handle.seek(0)
+
+    if fmt == FileFormat.STATE_DICT:
+        loaded = _load_weights_only(handle, map_location="cpu")
+        if isinstance(loaded, torch.Tensor):
+            return loaded
+        raise ModelFileError(
+            f"The torch.save file contains a {type(loaded).__name__}, not a single tensor; "
+            "save the tensor itself with torch.save(tensor, path)."
+        )
+    if fmt == FileFormat.SAFETENSORS:
+        tensors = _load_safetensors(handle, map_location=None)
+        if len(tensors) == 1:
+            return next(iter(tensors.values()))
+        raise ModelFileError(
+            f"The safetensors file contains {len(tensors)} tensors; a single tensor is expected."
+        )
+    if fmt == FileFormat.PICKLED_MODULE:
+        raise ModelFileError(
+            f"{_describe_pickle(handle)} Reading them would run code from the file, so this "
+            "server does not unpickle them; send a tensor saved with torch.save(tensor, path)."
+        )
+    raise ModelFileError(
+        f"The file is {_FORMAT_NAMES.get(fmt, fmt)}, not a single tensor; send a torch.save "
+        "file of one tensor."
+    )
+
+
+# Writing
+
+
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], fileobj: IO[bytes]) -> None:
+    """Write a plain dict of tensors with torch.save, readable with weights_only=True."""
+    plain = {key: tensor.detach().contiguous() for key, tensor in state_dict.items()}
+    torch.save(plain, fileobj)
+
+
+def save_tensor(tensor: torch.Tensor, fileobj: IO[bytes]) -> None:
+    """Write one tensor with torch.save, readable with weights_only=True."""
+    torch.save(tensor.detach().contiguous(), fileobj)
+
+
+def write_module_with_weights(
+    source_fileobj: FileSource,
+    fmt: str,
+    state_dict: Mapping[str, torch.Tensor],
+    destination_fileobj: IO[bytes],
+) -> None:
+    """Write the module of `source_fileobj` with new weights, in the same format.
+
+    The state dict must match the module's exactly (strict loading).
+    """
+    if fmt == FileFormat.STATE_DICT:
+        save_state_dict(state_dict, destination_fileobj)
+        return
+    if fmt == FileFormat.SAFETENSORS:
+        plain = {key: tensor.detach().contiguous() for key, tensor in state_dict.items()}
+        destination_fileobj.write(safetensors.torch.save(plain))
+        return
+
+    module = load_module(source_fileobj, fmt)
+    module.load_state_dict(dict(state_dict), strict=True)
+    if fmt == FileFormat.TORCHSCRIPT:
+        torch.jit.save(module, destination_fileobj)
+    else:
+        torch.save(module, destination_fileobj)
+
+
+# Safetensors
+
+
+def _read_safetensors_header(handle: IO[bytes], *, strict: bool) -> dict[str, Any] | None:
+    """Return the JSON header of a safetensors file, or None when it is not one (strict=False)."""
+    handle.seek(0, io.SEEK_END)
+    file_size = handle.tell()
+    handle.seek(0)
+    (header_size,) = struct.unpack("<Q", handle.read(8))
+
+    header: Any = None
+    if 2 <= header_size <= min(_MAX_SAFETENSORS_HEADER, file_size - 8):
+        raw = handle.read(header_size)
+        if raw.startswith(b"{"):
+            try:
+                header = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                header = None
+    handle.seek(0)
+
+    if not isinstance(header, dict):
+        if strict:
+            raise ModelFileError("The safetensors header is not a JSON object.")
+        return None
+    header["__data_start__"] = 8 + header_size
+    header["__file_size__"] = file_size
+    return header
+
+
+def _safetensors_entries(
+    handle: IO[bytes],
+) -> Iterator[tuple[str, torch.dtype, list[int], int, int]]:
+    """Yield (name, dtype, shape, begin, end) of each tensor; offsets are absolute."""
+    header = _read_safetensors_header(handle, strict=True)
+    assert header is not None
+    data_start = header.pop("__data_start__")
+    file_size = header.pop("__file_size__")
+    header.pop("__metadata__", None)
+
+    for name, entry in header.items():
+        try:
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = [int(size) for size in entry["shape"]]
+            begin, end = (int(offset) for offset in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ModelFileError(
+                f"The safetensors entry {name!r} has an unknown dtype or a malformed header "
+                f"({entry!r})."
+            ) from None
+        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if end - begin != expected or begin < 0 or data_start + end > file_size:
+            raise ModelFileError(
+                f"The safetensors entry {name!r} has data offsets {begin}..{end} that do not "
+                f"fit its shape {shape} or the file size."
+            )
+        yield name, dtype, shape, data_start + begin, data_start + end
+
+
+def _load_safetensors(handle: IO[bytes], *, map_location: str | None) -> dict[str, torch.Tensor]:
+    if map_location == "meta":
+        return {
+            name: torch.empty(shape, dtype=dtype, device="meta")
+            for name, dtype, shape, _begin, _end in _safetensors_entries(handle)
+        }
+    list(_safetensors_entries(handle))  # validates the header with a clear message first
+    handle.seek(0)
+    try:
+        tensors = safetensors.torch.load(handle.read())
+    except Exception as error:  # the Rust reader raises its own SafetensorError
+        raise ModelFileError(f"The safetensors file cannot be read ({error}).") from None
+    if map_location not in (None, "cpu"):
+        tensors = {name: tensor.to(map_location) for name, tensor in tensors.items()}
+    return tensors
+
+
+# Checks on tensor values
+
+
+def describe_mismatch(
+    expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tensor]
+) -> str | None:
+    """Describe how `actual` differs from `expected` in keys, shapes or dtypes; None if not."""
+    missing = [key for key in expected if key not in actual]
+    if missing:
+        return f"missing keys {_key_list(missing)}"
+    unexpected = [key for key in actual if key not in expected]
+    if unexpected:
+        return f"unexpected keys {_key_list(unexpected)}"
+    for key, reference in expected.items():
+        tensor = actual[key]
+        if tensor.shape != reference.shape:
+            return (
+                f"{key!r} has shape {list(tensor.shape)}, but the global model's has "
+                f"{list(reference.shape)}"
+            )
+        if tensor.dtype != reference.dtype:
+            return f"{key!r} has dtype {tensor.dtype}, but the global model's has {reference.dtype}"
+    return None
+
+
+def _key_list(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(key) for key in keys[:limit])
+    return shown if len(keys) <= limit else f"{shown} and {len(keys) - limit} more"
+
+
+def count_float_parameters(module: torch.nn.Module) -> int:
+    """Count the values in a module's floating-point parameters (buffers excluded)."""
+    return sum(p.numel() for p in module.parameters() if p.is_floating_point())
+
+
+def find_non_finite(fileobj: FileSource, fmt: str | None = None) -> str | None:
+    """Describe the first tensor that contains NaN or infinity; return None when all are finite.
+
+    For torch.save zip files and safetensors the data is read from the file in chunks, so
+    memory does not grow with the file size; other formats are loaded whole.
+    """
+    handle = _as_file(fileobj)
+    fmt = fmt or detect_format(handle)
+    handle.seek(0)
+
+    if fmt == FileFormat.SAFETENSORS:
+        for name, dtype, _shape, begin, end in _safetensors_entries(handle):
+            problem = _scan_bytes(handle, dtype, begin, end)
+            if problem:
+                return f"{name!r} contains {problem}"
+        return None
+    if fmt == FileFormat.STATE_DICT and _is_zip(handle) and _zip_is_native_byte_order(handle):
+        return _find_non_finite_torch_zip(handle)
+
+    for name, tensor in load_state_dict(handle, fmt).items():
+        problem = _describe_non_finite(tensor)
+        if problem:
+            return f"{name!r} contains {problem}"
+    return None
+
+
+def _zip_is_native_byte_order(handle: IO[bytes]) -> bool:
+    with zipfile.ZipFile(handle) as archive:
+        names = [name for name in archive.namelist() if name.endswith("/byteorder")]
+        order = archive.read(names[0]).decode() if names else "little"
+    handle.seek(0)
+    return order == sys.byteorder
+
+
+def _find_non_finite_torch_zip(handle: IO[bytes]) -> str | None:
+    # Loading on the meta device reads only the pickle; each storage records where its
+    # bytes start in the file.
+    meta = _as_state_dict(_load_weights_only(handle, map_location="meta"))
+    for name, tensor in meta.items():
+        if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
+            continue
+        storage = tensor.untyped_storage()
+        storage_start = getattr(storage, "_checkpoint_offset", None)
+        if storage_start is None:
+            # Older torch releases do not record offsets: check this tensor in memory.
+            real = _as_state_dict(_load_weights_only(handle, map_location="cpu"))[name]
+            problem = _describe_non_finite(real)
+        else:
+            if tensor.is_contiguous():
+                begin = storage_start + tensor.storage_offset() * tensor.element_size()
+                end = begin + tensor.numel() * tensor.element_size()
+            else:
+                begin, end = storage_start, storage_start + storage.nbytes()
+            problem = _scan_bytes(handle, tensor.dtype, begin, end)
+        if problem:
+            return f"{name!r} contains {problem}"
+    return None
+
+
+def _scan_bytes(handle: IO[bytes], dtype: torch.dtype, begin: int, end: int) -> str | None:
+    if not (dtype.is_floating_point or dtype.is_complex):
+        return None
+    item_size = torch.empty((), dtype=dtype).element_size()
+    chunk_size = _SCAN_CHUNK_BYTES - _SCAN_CHUNK_BYTES % item_size
+    handle.seek(begin)
+    position = begin
+    while position < end:
+        chunk = handle.read(min(chunk_size, end - position))
+        if not chunk:
+            raise ModelFileError("The file ends inside tensor data; it is truncated.")
+        values = torch.frombuffer(bytearray(chunk), dtype=dtype)
+        problem = _describe_non_finite(values)
+        if problem:
+            return problem
+        position += len(chunk)
+    return None
+
+
+def _describe_non_finite(tensor: torch.Tensor) -> str | None:
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return None
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return None
+    if bool(torch.isnan(tensor).any()):
+        return "NaN values"
+    return "infinite values"

@@ -1,0 +1,247 @@
+import io
+import pathlib
+import zipfile
+
+import pytest
+import safetensors.torch
+import torch
+
+from fedserve import modelfiles
+from fedserve.core.models import FileFormat
+from tests.factories import TinyNet, state_dict_bytes, torchscript_bytes
+
+
+class MarkerPayload:
+    """Unpickling this object creates the marker file, as an attacker's payload would."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def malicious_bytes(marker: pathlib.Path) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"weight": MarkerPayload(marker)}, buffer)
+    return buffer.getvalue()
+
+
+def pickled_module_bytes() -> bytes:
+    buffer = io.BytesIO()
+    torch.save(TinyNet(), buffer)
+    return buffer.getvalue()
+
+
+def tiny_state_dict() -> dict[str, torch.Tensor]:
+    return dict(TinyNet().state_dict())
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()})
+
+
+def test_detect_format_by_content():
+    legacy = io.BytesIO()
+    torch.save(tiny_state_dict(), legacy, _use_new_zipfile_serialization=False)
+
+    assert modelfiles.detect_format(torchscript_bytes()) == FileFormat.TORCHSCRIPT
+    assert modelfiles.detect_format(state_dict_bytes(tiny_state_dict())) == FileFormat.STATE_DICT
+    assert modelfiles.detect_format(state_dict_bytes(torch.ones(3))) == FileFormat.STATE_DICT
+    assert modelfiles.detect_format(legacy.getvalue()) == FileFormat.STATE_DICT
+    assert modelfiles.detect_format(safetensors_bytes(tiny_state_dict())) == (
+        FileFormat.SAFETENSORS
+    )
+    assert modelfiles.detect_format(pickled_module_bytes()) == FileFormat.PICKLED_MODULE
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"short", b"not a model file at all", b"PK\x03\x04broken zip archive"],
+)
+def test_detect_format_rejects_other_bytes(content):
+    with pytest.raises(modelfiles.ModelFileError, match="Accepted formats: a TorchScript"):
+        modelfiles.detect_format(content)
+
+
+def test_detect_format_rejects_plain_zip():
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("folder/readme.txt", "hello")
+    with pytest.raises(modelfiles.ModelFileError, match="neither a TorchScript"):
+        modelfiles.detect_format(buffer.getvalue())
+
+
+def test_load_module_torchscript_on_meta_reads_no_weights():
+    module = modelfiles.load_module(torchscript_bytes(), map_location="meta")
+
+    assert module.fc1.weight.device.type == "meta"
+    assert modelfiles.count_float_parameters(module) == 4 * 8 + 8 + 8 * 3 + 3
+
+
+def test_load_module_rejects_weights_only_file():
+    with pytest.raises(modelfiles.ModelFileError, match="needs an architecture"):
+        modelfiles.load_module(state_dict_bytes(tiny_state_dict()))
+
+
+def test_load_module_pickled_only_when_enabled(settings):
+    settings.FEDSERVE_ALLOW_PICKLED_MODULES = False
+    with pytest.raises(modelfiles.ModelFileError, match="FEDSERVE_ALLOW_PICKLED_MODULES is off"):
+        modelfiles.load_module(pickled_module_bytes())
+
+    settings.FEDSERVE_ALLOW_PICKLED_MODULES = True
+    module = modelfiles.load_module(pickled_module_bytes())
+    assert isinstance(module, TinyNet)
+
+
+def test_malicious_pickle_never_runs(tmp_path, settings):
+    settings.FEDSERVE_ALLOW_PICKLED_MODULES = False
+    marker = tmp_path / "marker"
+    content = malicious_bytes(marker)
+
+    assert modelfiles.detect_format(content) == FileFormat.PICKLED_MODULE
+    for load in (modelfiles.load_module, modelfiles.load_state_dict, modelfiles.load_tensor):
+        with pytest.raises(modelfiles.ModelFileError, match="does not unpickle"):
+            load(content)
+    with pytest.raises(modelfiles.ModelFileError):
+        modelfiles.load_state_dict(content, FileFormat.STATE_DICT)
+    assert not marker.exists()
+
+
+def test_load_state_dict_from_every_format():
+    reference = tiny_state_dict()
+    module = TinyNet()
+    module.load_state_dict(reference)
+    sources = [
+        torchscript_bytes(module),
+        state_dict_bytes(reference),
+        safetensors_bytes(reference),
+    ]
+    for source in sources:
+        loaded = modelfiles.load_state_dict(source)
+        assert loaded.keys() == reference.keys()
+        for key, tensor in reference.items():
+            assert torch.equal(loaded[key], tensor), key
+
+
+def test_load_state_dict_on_meta_keeps_shapes():
+    for source in (state_dict_bytes(tiny_state_dict()), safetensors_bytes(tiny_state_dict())):
+        loaded = modelfiles.load_state_dict(source, map_location="meta")
+        assert loaded["fc1.weight"].device.type == "meta"
+        assert loaded["fc1.weight"].shape == (8, 4)
+
+
+def test_load_state_dict_rejects_non_tensor_values():
+    with pytest.raises(modelfiles.ModelFileError, match="maps names"):
+        modelfiles.load_state_dict(state_dict_bytes({"a": torch.ones(2), "epoch": 3}))
+    with pytest.raises(modelfiles.ModelFileError, match="not a state dict"):
+        modelfiles.load_state_dict(state_dict_bytes([torch.ones(2)]))
+
+
+def test_load_tensor_from_torch_save_and_safetensors():
+    tensor = torch.arange(5, dtype=torch.float32)
+    assert torch.equal(modelfiles.load_tensor(state_dict_bytes(tensor)), tensor)
+    assert torch.equal(modelfiles.load_tensor(safetensors_bytes({"t": tensor})), tensor)
+
+
+def test_load_tensor_rejects_state_dict_and_module():
+    with pytest.raises(modelfiles.ModelFileError, match="not a single tensor"):
+        modelfiles.load_tensor(state_dict_bytes(tiny_state_dict()))
+    with pytest.raises(modelfiles.ModelFileError, match="not a single tensor"):
+        modelfiles.load_tensor(torchscript_bytes())
+
+
+def test_save_state_dict_round_trip():
+    buffer = io.BytesIO()
+    modelfiles.save_state_dict(tiny_state_dict(), buffer)
+
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    assert set(loaded) == set(tiny_state_dict())
+
+
+def test_save_tensor_round_trip():
+    buffer = io.BytesIO()
+    modelfiles.save_tensor(torch.ones(4), buffer)
+    assert torch.equal(modelfiles.load_tensor(buffer.getvalue()), torch.ones(4))
+
+
+def test_write_module_with_weights_keeps_torchscript():
+    source = torchscript_bytes()
+    zeros = {key: torch.zeros_like(value) for key, value in tiny_state_dict().items()}
+    destination = io.BytesIO()
+
+    modelfiles.write_module_with_weights(source, FileFormat.TORCHSCRIPT, zeros, destination)
+
+    written = destination.getvalue()
+    assert modelfiles.detect_format(written) == FileFormat.TORCHSCRIPT
+    module = modelfiles.load_module(written)
+    assert torch.count_nonzero(module.fc1.weight) == 0
+    assert module(torch.ones(1, 4)).shape == (1, 3)
+
+
+def test_write_module_with_weights_is_strict():
+    partial = {"fc1.weight": torch.zeros(8, 4)}
+    with pytest.raises(RuntimeError):
+        modelfiles.write_module_with_weights(
+            torchscript_bytes(), FileFormat.TORCHSCRIPT, partial, io.BytesIO()
+        )
+
+
+@pytest.mark.parametrize("to_bytes", [state_dict_bytes, safetensors_bytes])
+def test_find_non_finite_names_tensor_and_problem(to_bytes):
+    state = tiny_state_dict()
+    assert modelfiles.find_non_finite(to_bytes(state)) is None
+
+    state["fc2.bias"] = torch.tensor([0.0, float("inf"), 1.0])
+    assert modelfiles.find_non_finite(to_bytes(state)) == "'fc2.bias' contains infinite values"
+
+    state["fc1.weight"] = torch.full((8, 4), float("nan"))
+    assert modelfiles.find_non_finite(to_bytes(state)) == "'fc1.weight' contains NaN values"
+
+
+def test_find_non_finite_reads_slices_and_torchscript():
+    base = torch.zeros(10)
+    base[0] = float("nan")
+    # The slice saved here shares storage with a NaN outside the slice, which is not its data.
+    assert modelfiles.find_non_finite(state_dict_bytes({"part": base[1:]})) is None
+
+    module = TinyNet()
+    with torch.no_grad():
+        module.fc2.weight[0, 0] = float("nan")
+    assert modelfiles.find_non_finite(torchscript_bytes(module)) == (
+        "'fc2.weight' contains NaN values"
+    )
+
+
+def test_find_non_finite_detects_truncated_data():
+    content = safetensors_bytes({"w": torch.ones(1000)})
+    with pytest.raises(modelfiles.ModelFileError):
+        modelfiles.find_non_finite(content[:-100])
+
+
+def test_describe_mismatch():
+    reference = tiny_state_dict()
+    assert modelfiles.describe_mismatch(reference, tiny_state_dict()) is None
+
+    missing = {k: v for k, v in reference.items() if k != "fc2.bias"}
+    assert modelfiles.describe_mismatch(reference, missing) == "missing keys 'fc2.bias'"
+
+    extra = {**reference, "fc3.weight": torch.ones(1)}
+    assert modelfiles.describe_mismatch(reference, extra) == "unexpected keys 'fc3.weight'"
+
+    reshaped = {**reference, "fc1.weight": torch.zeros(8, 5)}
+    assert modelfiles.describe_mismatch(reference, reshaped) == (
+        "'fc1.weight' has shape [8, 5], but the global model's has [8, 4]"
+    )
+
+    retyped = {**reference, "fc1.bias": torch.zeros(8, dtype=torch.float64)}
+    assert modelfiles.describe_mismatch(reference, retyped) == (
+        "'fc1.bias' has dtype torch.float64, but the global model's has torch.float32"
+    )
+
+
+def test_accepted_formats_mentions_pickles_only_when_enabled(settings):
+    settings.FEDSERVE_ALLOW_PICKLED_MODULES = False
+    assert "nn.Module" not in modelfiles.accepted_formats()
+    settings.FEDSERVE_ALLOW_PICKLED_MODULES = True
+    assert "nn.Module" in modelfiles.accepted_formats()
