@@ -59,6 +59,11 @@ def serve(host: str, port: int, workers: int, threads: int) -> None:
                 self.cfg.set(key, value)
 
         def load(self) -> Any:
+            # Runs in each server process: background work and the periodic sweep start
+            # with the process, so a restarted server resumes unfinished rounds.
+            from fedserve import tasks
+
+            tasks.start_in_process_runner()
             return application
 
     url_host = f"[{host}]" if ":" in host else host

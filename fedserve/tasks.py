@@ -2,14 +2,17 @@
 
 Code schedules work only through `enqueue` (or `enqueue_on_commit`). Tasks take ids, are
 idempotent and are acknowledged late, so a task that dies with its worker runs again.
-Without CELERY_BROKER_URL the same task functions run on threads of the serving process.
+Without CELERY_BROKER_URL the same task functions run on threads of the serving process;
+with the setting FEDSERVE_TASKS_EAGER (tests only) they run in the calling thread.
 """
 
 from __future__ import annotations
 
 import heapq
+import importlib
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -22,22 +25,32 @@ from django.db import close_old_connections, transaction
 
 logger = logging.getLogger(__name__)
 
+# Modules that register tasks; imported by Celery workers and by the app's ready().
+TASK_MODULES = ["fedserve.rounds.tasks", "fedserve.notify.tasks"]
+
+QUEUE = os.environ.get("FEDSERVE_CELERY_QUEUE", "") or getattr(
+    settings, "CELERY_TASK_DEFAULT_QUEUE", "fedserve"
+)
+
 app = Celery("fedserve")
 app.conf.update(
     broker_url=settings.CELERY_BROKER_URL or "memory://",
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
-    task_default_queue=getattr(settings, "CELERY_TASK_DEFAULT_QUEUE", "fedserve"),
+    task_default_queue=QUEUE,
     broker_connection_retry_on_startup=True,
     task_serializer="json",
     accept_content=["json"],
     result_backend=None,
     task_ignore_result=True,
+    # Beat keeps its state beside the other data, not in the working directory.
+    beat_schedule_filename=str(settings.DATA_DIR / f"celerybeat-schedule-{QUEUE}"),
 )
 
 _functions: dict[str, Callable[..., Any]] = {}
 _periodic: dict[str, float] = {}
+_deferred: list[tuple[str, tuple[Any, ...]]] = []
 
 
 def task(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -47,7 +60,9 @@ def task(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         if name in _functions:
             raise ValueError(f"task {name!r} is registered twice")
         _functions[name] = function
-        app.task(name=name, acks_late=True, reject_on_worker_lost=True)(_closing(function))
+        app.task(name=name, acks_late=True, reject_on_worker_lost=True)(
+            _closing(_once_per_period(name, function))
+        )
         return function
 
     return register
@@ -60,16 +75,27 @@ def periodic(name: str, every_seconds: float) -> None:
         task_name: {"task": task_name, "schedule": interval}
         for task_name, interval in _periodic.items()
     }
+    if _runner_instance is not None:
+        _runner_instance.schedule_periodic(name)
 
 
 def enqueue(name: str, *args: Any, countdown: float = 0.0) -> None:
-    """Schedule task `name` with JSON-serialisable `args`, after `countdown` seconds."""
+    """Schedule task `name` with JSON-serialisable `args`, after `countdown` seconds.
+
+    In eager mode a task without countdown runs at once in the calling thread, and a
+    delayed one is kept for `run_deferred`.
+    """
     if name not in _functions:
         raise KeyError(f"unknown task {name!r}")
-    if settings.CELERY_BROKER_URL:
+    if getattr(settings, "FEDSERVE_TASKS_EAGER", False):
+        if countdown > 0:
+            _deferred.append((name, tuple(args)))
+        else:
+            _functions[name](*args)
+    elif settings.CELERY_BROKER_URL:
         app.send_task(name, args=list(args), countdown=countdown or None)
     else:
-        _runner().submit(name, args, countdown)
+        _runner().submit(name, tuple(args), countdown)
 
 
 def enqueue_on_commit(name: str, *args: Any, countdown: float = 0.0) -> None:
@@ -80,6 +106,37 @@ def enqueue_on_commit(name: str, *args: Any, countdown: float = 0.0) -> None:
 def run_now(name: str, *args: Any) -> Any:
     """Run a task in the calling thread; for tests and management commands."""
     return _closing(_functions[name])(*args)
+
+
+def run_deferred() -> int:
+    """Run the delayed tasks that eager mode kept, in order; return how many ran."""
+    count = 0
+    while _deferred:
+        name, args = _deferred.pop(0)
+        _functions[name](*args)
+        count += 1
+    return count
+
+
+def import_task_modules() -> None:
+    """Import every module in TASK_MODULES that exists, so that its tasks are registered."""
+    for module in TASK_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != module:
+                raise
+
+
+def start_in_process_runner() -> None:
+    """Start the in-process runner and its periodic tasks, unless a broker is configured.
+
+    `fedserve serve` calls this in each server process, so that the periodic sweep also runs
+    after a restart before any request has scheduled work.
+    """
+    if settings.CELERY_BROKER_URL or getattr(settings, "FEDSERVE_TASKS_EAGER", False):
+        return
+    _runner()
 
 
 def _closing(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -97,6 +154,34 @@ def _closing(function: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+def _once_per_period(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    """Skip a periodic Celery task that another beat already started in this period.
+
+    Every worker started with beat schedules the periodic tasks; a Redis key that expires
+    after most of the period lets only the first of them run. Other tasks pass through.
+    """
+
+    def run(*args: Any) -> Any:
+        interval = _periodic.get(name)
+        if interval is None or args or not settings.CELERY_BROKER_URL.startswith("redis"):
+            return function(*args)
+        import redis
+
+        client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+        try:
+            key = f"fedserve:periodic:{QUEUE}:{name}"
+            if not client.set(key, "1", nx=True, px=max(int(interval * 800), 1)):
+                logger.debug("periodic task %s already ran in this period", name)
+                return None
+        finally:
+            client.close()
+        return function(*args)
+
+    run.__name__ = function.__name__
+    run.__doc__ = function.__doc__
+    return run
+
+
 class InProcessRunner:
     """Runs tasks on a thread pool of the serving process, with delays and periodic tasks."""
 
@@ -107,12 +192,14 @@ class InProcessRunner:
         self._wakeup = threading.Condition()
         self._thread = threading.Thread(target=self._schedule, name="fedserve-tasks", daemon=True)
         self._thread.start()
-        now = time.monotonic()
-        for name, interval in _periodic.items():
-            self._push(now + interval, name, ())
+        for name in _periodic:
+            self.schedule_periodic(name)
 
     def submit(self, name: str, args: tuple[Any, ...], countdown: float) -> None:
         self._push(time.monotonic() + max(countdown, 0.0), name, tuple(args))
+
+    def schedule_periodic(self, name: str) -> None:
+        self._push(time.monotonic() + _periodic[name], name, ())
 
     def _push(self, due: float, name: str, args: tuple[Any, ...]) -> None:
         with self._wakeup:

@@ -6,3 +6,10 @@ class CoreConfig(AppConfig):
     label = "core"
     verbose_name = "fedserve"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        # Task modules register their tasks and periodic schedules on import; servers and
+        # Celery workers both need the full registry before any task is sent or received.
+        from fedserve import tasks
+
+        tasks.import_task_modules()
