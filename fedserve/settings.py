@@ -136,6 +136,18 @@ if PRODUCTION and not CELERY_BROKER_URL:
         "CELERY_BROKER_URL must be set in production mode, for example redis://127.0.0.1:6379/0."
     )
 
+# Webhook delivery of notifications: timeouts per attempt, attempts per notification, and
+# the exponential backoff between attempts (doubling from BACKOFF up to MAX_BACKOFF).
+FEDSERVE_WEBHOOK_CONNECT_TIMEOUT_SECONDS = config.env_int(
+    "FEDSERVE_WEBHOOK_CONNECT_TIMEOUT_SECONDS", 5, minimum=1
+)
+FEDSERVE_WEBHOOK_TIMEOUT_SECONDS = config.env_int("FEDSERVE_WEBHOOK_TIMEOUT_SECONDS", 30, minimum=1)
+FEDSERVE_WEBHOOK_MAX_ATTEMPTS = config.env_int("FEDSERVE_WEBHOOK_MAX_ATTEMPTS", 10, minimum=1)
+FEDSERVE_WEBHOOK_BACKOFF_SECONDS = config.env_int("FEDSERVE_WEBHOOK_BACKOFF_SECONDS", 2, minimum=1)
+FEDSERVE_WEBHOOK_MAX_BACKOFF_SECONDS = config.env_int(
+    "FEDSERVE_WEBHOOK_MAX_BACKOFF_SECONDS", 300, minimum=1
+)
+
 STATIC_URL = "static/"
 STATIC_ROOT = str(DATA_DIR / "static")
 # WhiteNoise finds static files in the installed apps, so no collectstatic step is needed;
