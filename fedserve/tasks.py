@@ -190,6 +190,7 @@ class InProcessRunner:
         self._queue: list[tuple[float, int, str, tuple[Any, ...]]] = []
         self._sequence = itertools.count()
         self._wakeup = threading.Condition()
+        self._closed = False
         self._thread = threading.Thread(target=self._schedule, name="fedserve-tasks", daemon=True)
         self._thread.start()
         for name in _periodic:
@@ -201,6 +202,15 @@ class InProcessRunner:
     def schedule_periodic(self, name: str) -> None:
         self._push(time.monotonic() + _periodic[name], name, ())
 
+    def close(self) -> None:
+        """Stop scheduling: queued and periodic tasks that are not running yet are dropped."""
+        with self._wakeup:
+            self._closed = True
+            self._queue.clear()
+            self._wakeup.notify()
+        self._thread.join()
+        self._pool.shutdown(wait=True)
+
     def _push(self, due: float, name: str, args: tuple[Any, ...]) -> None:
         with self._wakeup:
             heapq.heappush(self._queue, (due, next(self._sequence), name, args))
@@ -209,9 +219,13 @@ class InProcessRunner:
     def _schedule(self) -> None:
         while True:
             with self._wakeup:
-                while not self._queue or self._queue[0][0] > time.monotonic():
+                while not self._closed and (
+                    not self._queue or self._queue[0][0] > time.monotonic()
+                ):
                     timeout = self._queue[0][0] - time.monotonic() if self._queue else None
                     self._wakeup.wait(timeout)
+                if self._closed:
+                    return
                 _due, _seq, name, args = heapq.heappop(self._queue)
             if name in _periodic and not args:
                 self._push(time.monotonic() + _periodic[name], name, ())

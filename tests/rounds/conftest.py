@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import uuid
 from typing import Any
 
 import pytest
@@ -78,24 +79,29 @@ def global_state(training: Training) -> dict[str, torch.Tensor]:
 def store_update(
     training: Training, user: User, *, value: float = 1.0, sample_size: int = 10
 ) -> Model:
-    """Store a participant's local update for the model's current round, without the hook."""
+    """Store a participant's local update for the model's current round, without the hook.
+
+    The file is stored before the row is inserted, as an upload view does, so a racing
+    round check never sees a row without its file.
+    """
     model = Model.objects.get(pk=training.model_id)
-    local = Model.objects.create(
+    local_id = uuid.uuid4()
+    buffer = io.BytesIO()
+    torch.save(constant_state(value), buffer)
+    path = modelstore.save(
+        modelstore.model_file_path(local_id, "weights.pt"), ContentFile(buffer.getvalue())
+    )
+    return Model.objects.create(
+        id=local_id,
         kind=ModelKind.LOCAL,
         owner=user,
         base_model=model,
         round=model.round,
         sample_size=sample_size,
         name=f"update of {user.username}",
+        weights_path=path,
+        weights_format="state_dict",
     )
-    buffer = io.BytesIO()
-    torch.save(constant_state(value), buffer)
-    local.weights_path = modelstore.save(
-        modelstore.model_file_path(local.pk, "weights.pt"), ContentFile(buffer.getvalue())
-    )
-    local.weights_format = "state_dict"
-    local.save()
-    return local
 
 
 def upload_update(
