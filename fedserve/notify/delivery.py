@@ -216,6 +216,8 @@ def _attempt(notification: Notification) -> bool:
         )
         return False
 
+    # NOTE: the recipient's next notification then starts its own full retry schedule, so
+    # while an endpoint stays down, each queued notification waits for the previous schedule.
     logger.warning(line + " failed (%s); no attempts left", *context, attempt.reason)
     if not _record(notification, delivery_state=DeliveryState.FAILED):
         return False

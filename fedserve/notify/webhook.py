@@ -72,6 +72,8 @@ def post_notification(
 
     The read timeout applies to each wait for data from the endpoint, so it bounds the wait
     for the response headers. The response body is never read.
+    NOTE: an endpoint that sends its headers a few bytes at a time can stretch one attempt
+    beyond the read timeout.
     """
     started = time.monotonic()
     problem = endpoint_problem(endpoint)

@@ -3,6 +3,7 @@ import socket
 
 import pytest
 
+import fedserve.tasks
 from fedserve.core.models import Notification, Participation
 from fedserve.notify import DeliveryState, NotificationType, delivery, send
 from fedserve.notify import tasks as notify_tasks
@@ -354,3 +355,21 @@ def test_sweep_takes_over_stalled_send(scheduled, webhook_server, participant, t
     notification.refresh_from_db()
     assert notification.delivery_state == DeliveryState.DELIVERED
     assert notification.delivery_attempts == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_send_delivers_through_task_queue(webhook_server, settings, monkeypatch):
+    # Eager mode runs tasks in this thread when the transaction commits, and keeps delayed
+    # ones for run_deferred.
+    settings.FEDSERVE_TASKS_EAGER = True
+    monkeypatch.setattr(fedserve.tasks, "_deferred", [])
+    participant = make_user(message_endpoint=webhook_server.url)
+    training = make_training(make_user(), [participant])
+    webhook_server.respond_with(503)
+
+    notification = _round_start(participant, training)
+
+    assert _state(notification) == DeliveryState.RETRY_WAIT
+    assert fedserve.tasks.run_deferred() == 1
+    assert _state(notification) == DeliveryState.DELIVERED
+    assert webhook_server.types_received() == ["UPDATE_ROUND_START", "UPDATE_ROUND_START"]
