@@ -18,6 +18,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import authenticate, get_user_model
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 from rest_framework.authtoken.models import Token
 from rest_framework.request import Request
@@ -131,3 +132,18 @@ class BasicAuthentication(authentication.BasicAuthentication):
                 "API token; send a username and password or a valid token."
             ) from None
         return user
+
+
+class BasicAuthenticationScheme(OpenApiAuthenticationExtension):
+    """OpenAPI security scheme of `BasicAuthentication`."""
+
+    target_class = BasicAuthentication
+    name = "basicAuth"
+
+    def get_security_definition(self, auto_schema: Any) -> dict[str, str]:
+        return {
+            "type": "http",
+            "scheme": "basic",
+            "description": "Username and password, or the API token as username with an "
+            "empty password.",
+        }

@@ -53,7 +53,7 @@ class UserSerializer(serializers.ModelSerializer[User]):
     def get_token(self, user: User) -> str | None:
         if self.context.get("token_owner") != user.pk:
             return None
-        token = Token.objects.filter(user=user).first()
+        token = self.context.get("token") or Token.objects.filter(user=user).first()
         return token.key if token is not None else None
 
     def validate_password(self, value: str) -> str:

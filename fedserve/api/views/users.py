@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import cast
 
-from django.db import transaction
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import status
@@ -71,9 +70,11 @@ class Myself(APIView):
     )
     def get(self, request: Request) -> Response:
         user = cast(User, request.user)
-        with transaction.atomic():
-            Token.objects.get_or_create(user=user)
-        serializer = UserSerializer(user, context={"token_owner": user.pk})
+        if isinstance(request.auth, Token):
+            token = request.auth
+        else:
+            token, _created = Token.objects.get_or_create(user=user)
+        serializer = UserSerializer(user, context={"token_owner": user.pk, "token": token})
         return Response(serializer.data)
 
 
