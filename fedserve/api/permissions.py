@@ -68,6 +68,26 @@ def require_delete_model(user: Any, model: Model) -> None:
     )
 
 
+def global_models_related_to(user: Any) -> QuerySet[Model]:
+    """Models listed at GET models/: global models the user owns or whose training involves it."""
+    return (
+        Model.objects.exclude(kind=ModelKind.LOCAL)
+        .filter(
+            Q(owner_id=user.pk) | Q(training__actor_id=user.pk) | Q(training__participants=user.pk)
+        )
+        .distinct()
+    )
+
+
+def require_ensemble_member(user: Any, model: Model) -> None:
+    """Members of a MEAN model: global models the caller owns."""
+    if model.owner_id != user.pk:
+        raise PermissionDenied(
+            f"You may not add model {model.pk} to an ensemble: a MEAN model may only contain "
+            "models you own."
+        )
+
+
 def require_upload_local_model(user: Any, model: Model) -> None:
     """Local updates: participants of the global model's training only."""
     if is_participant(user, model.get_training()):
