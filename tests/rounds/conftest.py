@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import threading
 import uuid
@@ -21,7 +22,7 @@ from fedserve.core.models import (
     Training,
     User,
 )
-from tests.factories import TinyNet, make_training, make_user
+from tests.factories import TinyNet, make_training, make_user, torchscript_bytes
 
 
 @pytest.fixture
@@ -156,10 +157,39 @@ def types_received(user: User) -> list[str]:
     )
 
 
-def started_training(participants: int = 3, **fields: Any) -> tuple[Training, User, list[User]]:
-    """Create an actor, participants who pull, and a started training."""
-    actor = make_user(actor=True)
-    users = [make_user(client=True) for _ in range(participants)]
+@functools.cache
+def tiny_torchscript() -> bytes:
+    """Return one TinyNet TorchScript archive, scripted once per test session."""
+    return torchscript_bytes()
+
+
+def make_tiny_model(owner: User) -> Model:
+    """Create a GLOBAL model row with a stored TinyNet TorchScript file."""
+    model_id = uuid.uuid4()
+    path = modelstore.save(
+        modelstore.model_file_path(model_id, "weights.pt"), ContentFile(tiny_torchscript())
+    )
+    return Model.objects.create(
+        id=model_id,
+        owner=owner,
+        name="tiny",
+        weights_path=path,
+        weights_format="torchscript",
+        weights_size=len(tiny_torchscript()),
+        input_shape=[None, 4],
+    )
+
+
+def started_training(
+    participants: int | list[User] = 3, *, actor: User | None = None, **fields: Any
+) -> tuple[Training, User, list[User]]:
+    """Create a started training; actor and participants (who pull) are new unless given."""
+    actor = actor or make_user(actor=True)
+    if isinstance(participants, int):
+        users = [make_user(client=True) for _ in range(participants)]
+    else:
+        users = participants
+    fields.setdefault("model", make_tiny_model(actor))
     training = make_training(actor, users, **fields)
     assert rounds.start_training(training)
     return Training.objects.get(pk=training.pk), actor, users

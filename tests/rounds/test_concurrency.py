@@ -16,6 +16,7 @@ from django.db import connection
 
 from fedserve.core.models import Notification, RoundPhase, Training
 from fedserve.rounds import deadlines
+from tests.factories import make_user
 from tests.rounds.conftest import (
     fresh,
     started_training,
@@ -62,9 +63,10 @@ def count_notifications(training: Training, notification_type: str) -> dict[obje
 
 
 def test_racing_final_updates_aggregate_once(aggregations):
+    actor, users = make_user(), [make_user() for _ in range(4)]
     for _ in range(RACES):
         before = aggregations.updates
-        training, _actor, users = started_training(participants=4)
+        training, _actor, _users = started_training(users, actor=actor)
         upload_update(training, users[0])
         upload_update(training, users[1])
 
@@ -84,8 +86,9 @@ def test_racing_final_updates_aggregate_once(aggregations):
 
 
 def test_racing_final_metrics_start_one_round():
+    actor, users = make_user(), [make_user() for _ in range(3)]
     for _ in range(RACES):
-        training, _actor, users = started_training(participants=3, target_num_updates=2)
+        training, _actor, _users = started_training(users, actor=actor, target_num_updates=2)
         for user in users:
             upload_update(training, user)
         upload_metrics(training, users[0])
@@ -108,10 +111,12 @@ def test_racing_final_metrics_start_one_round():
 
 
 def test_racing_final_swag_moments_average_once(aggregations):
+    actor, users = make_user(), [make_user() for _ in range(3)]
     for _ in range(RACES):
         before = aggregations.moments
-        training, _actor, users = started_training(
-            participants=3,
+        training, _actor, _users = started_training(
+            users,
+            actor=actor,
             uncertainty_method="SWAG",
             options={"skip_model_tests": True},
             target_num_updates=2,
