@@ -321,7 +321,11 @@ def test_detail_counts_update_round():
     actor = make_user()
     first, second = make_user(), make_user()
     training = make_training(
-        actor, [first, second], state=TrainingState.ONGOING, phase=RoundPhase.UPDATE
+        actor,
+        [first, second],
+        state=TrainingState.ONGOING,
+        phase=RoundPhase.UPDATE,
+        phase_round=2,
     )
     training.model.round = 2
     training.model.save()
@@ -594,3 +598,16 @@ def test_start_by_participant_is_403():
     assert response.status_code == 403
     training.refresh_from_db()
     assert training.state == TrainingState.INITIAL
+
+
+def test_start_lost_race_is_400(monkeypatch):
+    monkeypatch.setattr(
+        "fedserve.api.views.trainings.rounds.start_training", lambda training: False
+    )
+    actor = make_user()
+    training = make_training(actor, [make_user()])
+
+    response = client_for(actor).post(f"/api/trainings/{training.pk}/start/")
+
+    assert response.status_code == 400
+    assert "already been started" in response.json()["detail"]

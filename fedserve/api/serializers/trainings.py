@@ -8,15 +8,12 @@ from rest_framework import serializers
 
 from fedserve.core.models import (
     AggregationMethod,
-    Metric,
-    Model,
-    ModelKind,
     Participation,
     RoundPhase,
-    SwagStatistic,
     Training,
     UncertaintyMethod,
 )
+from fedserve.rounds import progress
 from fedserve.rounds.options import OptionsError, TrainingOptions
 
 
@@ -125,40 +122,30 @@ class TrainingSerializer(serializers.ModelSerializer[Training]):
         return [str(user_id) for user_id in self._participant_ids(training)]
 
     def get_local_models_arrived(self, training: Training) -> int:
-        """LOCAL models of the global model for its current round."""
-        return Model.objects.filter(
-            kind=ModelKind.LOCAL, base_model_id=training.model_id, round=training.model.round
-        ).count()
+        """Participants' LOCAL models of the global model for the current round."""
+        return progress.local_updates(training, _current_round(training)).count()
 
     def get_local_models_expected(self, training: Training) -> int:
         return len(self._participant_ids(training))
 
     def get_missing_participants(self, training: Training) -> list[str]:
         """Participants that have not sent what the current phase waits for."""
-        participants = self._participant_ids(training)
-        model = training.model
+        round_number = _current_round(training)
         arrived: set[Any]
         if training.phase in (RoundPhase.UPDATE, RoundPhase.DAISY_CHAIN):
-            arrived = set(
-                Model.objects.filter(
-                    kind=ModelKind.LOCAL, base_model_id=model.pk, round=model.round
-                ).values_list("owner_id", flat=True)
-            )
-        elif training.phase == RoundPhase.MODEL_TEST:
-            arrived = set(
-                Metric.objects.filter(model_id=model.pk, step=model.round).values_list(
-                    "reporter_id", flat=True
-                )
-            )
+            updates = progress.local_updates(training, round_number)
+            arrived = set(updates.values_list("owner_id", flat=True))
         elif training.phase == RoundPhase.SWAG:
-            arrived = set(
-                SwagStatistic.objects.filter(model_id=model.pk, round=model.round).values_list(
-                    "owner_id", flat=True
-                )
-            )
+            statistics = progress.swag_statistics(training, round_number)
+            arrived = set(statistics.values_list("owner_id", flat=True))
+        elif training.phase == RoundPhase.MODEL_TEST:
+            reporters = progress.metric_reporters(training, round_number)
+            arrived = set(reporters.values_list("reporter_id", flat=True))
         else:
             return []
-        return [str(user_id) for user_id in participants if user_id not in arrived]
+        return [
+            str(user_id) for user_id in self._participant_ids(training) if user_id not in arrived
+        ]
 
     def get_unreachable_participants(self, training: Training) -> list[str]:
         return [
@@ -167,3 +154,8 @@ class TrainingSerializer(serializers.ModelSerializer[Training]):
             .order_by("joined_at", "id")
             .values_list("user_id", flat=True)
         ]
+
+
+def _current_round(training: Training) -> int:
+    """Return the round the current phase collects for; before the start, the model's round."""
+    return training.phase_round if training.phase else training.model.round

@@ -284,7 +284,14 @@ class TrainingStart(APIView):
                         "PUT trainings/<id>/clients/ before starting it."
                     }
                 )
-        rounds.start_training(training)
+        if not rounds.start_training(training):
+            # Another request started the training between the check above and now.
+            raise ValidationError(
+                {
+                    "detail": f"Training {training.pk} has already been started; only a "
+                    "training in state 'I' (initial) can be started."
+                }
+            )
         return Response({"detail": "Training started!"}, status=status.HTTP_202_ACCEPTED)
 
 
