@@ -126,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     manage_parser = commands.add_parser("manage", help="run a Django management command")
     manage_parser.add_argument("arguments", nargs=argparse.REMAINDER)
 
-    demo_parser = commands.add_parser("demo", help="run a federated training end to end")
+    # The demo parses its own options (see `fedserve demo --help`), so -h goes through too.
+    demo_parser = commands.add_parser(
+        "demo", help="run a federated training end to end", add_help=False
+    )
     demo_parser.add_argument("arguments", nargs=argparse.REMAINDER)
     return parser
 
@@ -136,7 +139,12 @@ def main(argv: list[str] | None = None) -> None:
         level=os.environ.get("FEDSERVE_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse.REMAINDER does not take options that come first (`demo --rounds 3`), so
+    # the demo gets whatever the top-level parser does not recognize.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "demo":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "serve":
         serve(args.host, args.port, args.workers, args.threads)
     elif args.command == "worker":
@@ -146,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "demo":
         from fedserve.demo import main as demo_main
 
-        demo_main(args.arguments)
+        demo_main([*unknown, *args.arguments])
 
 
 if __name__ == "__main__":
