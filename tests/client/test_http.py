@@ -119,3 +119,12 @@ def test_upload_update_rejects_bad_sample_size():
     client = Client("http://127.0.0.1:9", token="t")
     with pytest.raises(ValueError, match="sample_size"):
         client.upload_update("m", {}, round=0, sample_size=0)
+
+
+def test_html_error_page_becomes_reason():
+    server = ScriptedServer([(404, "<html><body>Not Found</body></html>")])
+    with server.running():
+        client = Client(server.url, token="t0k")
+        with pytest.raises(NotFoundError) as caught:
+            client.myself()
+    assert caught.value.message == "Not Found"

@@ -55,6 +55,7 @@ class StubClient:
         self.pages = pages
         self.training = {"id": TRAINING, "model": GLOBAL, "state": "O", "options": {}, **training}
         self.model_round = 0
+        self.training_has_round = True
         self.files = {GLOBAL: _torchscript(TinyNet())}
         self.updates: list[tuple[str, int, int]] = []
         self.metrics: list[tuple[str, dict[str, Any]]] = []
@@ -62,7 +63,10 @@ class StubClient:
         self.polls: list[tuple[int, float]] = []
 
     def get_training(self, training_id: str) -> dict[str, Any]:
-        return dict(self.training)
+        training = dict(self.training)
+        if self.training_has_round:
+            training["round"] = self.model_round
+        return training
 
     def model_metadata(self, model_id: str) -> dict[str, Any]:
         return {"id": model_id, "round": self.model_round}
@@ -209,6 +213,17 @@ def test_stale_round_rejection_skipped():
     stub = StubClient(
         [[], [note("UPDATE_ROUND_START", 0, sequence=1)], [note("TRAINING_FINISHED", sequence=2)]]
     )
+    stub.model_round = 1
+    stub.update_error = ClientError("round 0 is over", status=400)
+    ending = run_poll(stub)
+    assert ending.type is NotificationType.TRAINING_FINISHED
+
+
+def test_stale_round_found_in_metadata():
+    stub = StubClient(
+        [[], [note("UPDATE_ROUND_START", 0, sequence=1)], [note("TRAINING_FINISHED", sequence=2)]]
+    )
+    stub.training_has_round = False
     stub.model_round = 1
     stub.update_error = ClientError("round 0 is over", status=400)
     ending = run_poll(stub)
