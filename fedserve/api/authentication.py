@@ -110,9 +110,13 @@ class BasicAuthentication(authentication.BasicAuthentication):
         if cached is not None:
             user_id, password_hash = cached
             user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
-            if user is not None and hmac.compare_digest(user.password, password_hash):
+            if (
+                user is not None
+                and user.get_username() == userid
+                and hmac.compare_digest(user.password, password_hash)
+            ):
                 return user, None
-            # The password changed or the user was deactivated: verify from scratch.
+            # The password or username changed, or the user was deactivated: verify again.
             verified_credentials.discard(key)
 
         user = authenticate(request=request, username=userid, password=password)

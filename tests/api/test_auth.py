@@ -172,6 +172,17 @@ def test_password_change_invalidates_cache():
     assert get_with(basic("alice", "new-pass")).status_code == 200
 
 
+def test_rename_invalidates_cache():
+    user = make_user(username="alice", password="alice-pass")
+    assert get_with(basic("alice", "alice-pass")).status_code == 200
+
+    user.username = "alicia"
+    user.save()
+
+    assert get_with(basic("alice", "alice-pass")).status_code == 401
+    assert get_with(basic("alicia", "alice-pass")).status_code == 200
+
+
 def test_deactivation_invalidates_cache():
     user = make_user(username="alice", password="alice-pass")
     assert get_with(basic("alice", "alice-pass")).status_code == 200
