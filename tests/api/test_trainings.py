@@ -404,7 +404,7 @@ def test_detail_missing_is_404():
 # Delete
 
 
-def test_delete_removes_rows_and_files(model_store):
+def test_delete_removes_rows_and_files(model_store, django_capture_on_commit_callbacks):
     actor = make_user()
     participant = make_user()
     training = make_training(actor, [participant])
@@ -422,7 +422,8 @@ def test_delete_removes_rows_and_files(model_store):
     )
     assert len([p for p in model_store.rglob("*") if p.is_file()]) == 4
 
-    response = client_for(actor).delete(f"/api/trainings/{training.pk}/")
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client_for(actor).delete(f"/api/trainings/{training.pk}/")
 
     assert response.status_code == 200
     assert response.json() == {"detail": "Training removed!"}
@@ -430,6 +431,7 @@ def test_delete_removes_rows_and_files(model_store):
     assert not Model.objects.filter(pk__in=[model.pk, local.pk]).exists()
     assert not SwagStatistic.objects.filter(pk=statistic.pk).exists()
     assert [p for p in model_store.rglob("*") if p.is_file()] == []
+    assert not (model_store / "models" / str(model.pk)).exists()
 
 
 def test_delete_by_participant_is_403(model_store):

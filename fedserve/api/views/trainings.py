@@ -29,7 +29,6 @@ from fedserve.core.models import (
     Model,
     ModelKind,
     Participation,
-    SwagStatistic,
     Training,
     TrainingState,
     UncertaintyMethod,
@@ -167,12 +166,11 @@ class TrainingDetail(APIView):
         with transaction.atomic():
             training = get_object_or_404(Training.objects.select_for_update(), pk=id)
             model = training.model
-            paths = _storage_paths_of(model)
+            # The files go after the commit, so no row ever points to a missing file.
+            modelstore.delete_model_files(model)
             # Deleting the global model cascades to the training, its participations,
             # local models and SWAG statistics.
             model.delete()
-        # Files go only after the rows are gone, so no row ever points to a missing file.
-        modelstore.delete(paths)
         return Response({"detail": "Training removed!"})
 
 
@@ -371,14 +369,3 @@ def _make_swag(model: Model) -> None:
     if model.kind == ModelKind.GLOBAL:
         model.kind = ModelKind.SWAG
         model.save(update_fields=["kind"])
-
-
-def _storage_paths_of(model: Model) -> list[str]:
-    """List every stored file of a global model, its local models and their SWAG statistics."""
-    paths = list(model.storage_paths())
-    related = [model, *Model.objects.filter(base_model=model)]
-    for member in related[1:]:
-        paths.extend(member.storage_paths())
-    for statistic in SwagStatistic.objects.filter(model__in=related):
-        paths.extend(statistic.storage_paths())
-    return paths
