@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import io
 import itertools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -295,6 +296,19 @@ def test_matrix_covers_every_route():
         for row in MATRIX
     }
     assert routes == covered
+
+
+def test_matrix_statuses_documented():
+    paths = client_for(None).get("/api/schema/", {"format": "json"}).json()["paths"]
+
+    for row in MATRIX:
+        if row.path.startswith("schema/"):
+            continue  # the schema pages are not part of the schema they serve
+        path = "/api/" + re.sub(r"\{[a-z]+\}", "{id}", row.path)
+        responses = paths[path][row.method.lower()]["responses"]
+        documented = {int(code) for code in responses}
+        undocumented = set(row.statuses.values()) - documented
+        assert not undocumented, f"{row.name} does not document {sorted(undocumented)}"
 
 
 def test_matrix_rows_are_unique():

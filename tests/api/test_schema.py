@@ -24,7 +24,7 @@ DOC_PAGES = ["/api/schema/swagger-ui/", "/api/schema/redoc/"]
 # Status codes each operation of the users, groups and trainings endpoints documents.
 DOCUMENTED = {
     ("/api/users/", "get"): {200, 401},
-    ("/api/users/", "post"): {201, 400, 403},
+    ("/api/users/", "post"): {201, 400, 401, 403},
     ("/api/users/myself/", "get"): {200, 401},
     ("/api/users/{id}/", "get"): {200, 401, 404},
     ("/api/users/groups/", "get"): {200, 401},

@@ -63,6 +63,16 @@ def test_registration_never_grants_staff_or_superuser():
     assert user.is_superuser is False
 
 
+def test_registration_with_invalid_token_is_401():
+    client = client_for(None)
+    client.credentials(HTTP_AUTHORIZATION="Token 0000000000000000000000000000000000000000")
+
+    response = client.post("/api/users/", {"username": "alice", "password": "pw"}, format="json")
+
+    assert response.status_code == 401
+    assert not User.objects.filter(username="alice").exists()
+
+
 def test_registration_closed_is_403(settings):
     settings.FEDSERVE_OPEN_REGISTRATION = False
 

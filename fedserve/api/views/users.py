@@ -48,6 +48,9 @@ class UserListCreate(APIView):
         responses={
             201: UserSerializer,
             400: OpenApiResponse(description="Invalid or missing fields."),
+            401: OpenApiResponse(
+                description="Credentials were sent but are invalid; register without any."
+            ),
             403: OpenApiResponse(description="Registration is closed on this server."),
         },
         auth=[],
