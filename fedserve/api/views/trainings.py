@@ -110,7 +110,10 @@ class TrainingListCreate(APIView):
             with transaction.atomic():
                 # The lock makes concurrent requests for one model take turns, so the second
                 # finds the first one's training and trains a copy.
-                model = Model.objects.select_for_update().get(pk=model.pk)
+                locked = Model.objects.select_for_update().filter(pk=model.pk).first()
+                if locked is None:
+                    raise NotFound(f"Model {model.pk} was deleted while the training was created.")
+                model = locked
                 if Training.objects.filter(model=model).exists():
                     model = _copy_model(model, copied_paths)
                 if data["uncertainty_method"] == UncertaintyMethod.SWAG:
