@@ -96,6 +96,7 @@ def message_from_body(body: Any, fallback: str) -> str:
             return " ".join(parts)
     if isinstance(body, list) and body:
         return "; ".join(str(item) for item in body)
-    if isinstance(body, str) and body.strip():
+    # An HTML error page (from a proxy or Django's own 500 page) is no message to show.
+    if isinstance(body, str) and body.strip() and not body.lstrip().startswith("<"):
         return body.strip()[:500]
     return fallback

@@ -69,6 +69,7 @@ class Participant:
         self._handled: set[tuple[str, str | None, int | None, str | None]] = set()
         # The newest TorchScript global model, the architecture for weights-only downloads.
         self._architecture: bytes | None = None
+        self._global_model_id = ""
 
     def run(
         self,
@@ -81,7 +82,9 @@ class Participant:
         """Handle notifications until the training finishes or this participant is removed."""
         if mode not in MODES:
             raise ValueError(f"mode must be 'poll' or 'webhook', not {mode!r}.")
-        self._check_callbacks(self.client.get_training(self.training_id))
+        training = self.client.get_training(self.training_id)
+        self._check_callbacks(training)
+        self._global_model_id = model_id_of(training)
 
         own_receiver: WebhookReceiver | None = None
         if mode == "webhook" and receiver is None:
@@ -246,16 +249,21 @@ class Participant:
             return True
         if notification.round is None:
             return False
-        metadata = self.client.model_metadata(model_id_of(training))
-        return int(metadata.get("round", 0)) > notification.round
+        current = training.get("round")
+        if current is None:
+            # Servers without the `round` field in training details have it in the metadata.
+            current = self.client.model_metadata(model_id_of(training)).get("round", 0)
+        return int(current) > notification.round
 
     def _train_round(self, notification: Notification) -> None:
         model_id, round_number = self._require(notification)
         model = self._load(model_id)
         logger.info("training %s: training round %s", self.training_id, round_number)
         update, sample_size, metrics = self.train(model, round_number)
+        # In a FedDC daisy-chain round the notification names a peer's local model, but
+        # every update belongs to the training's global model.
         self.client.upload_update(
-            model_id,
+            self._global_model_id,
             update,
             round=round_number,
             sample_size=sample_size,

@@ -276,7 +276,7 @@ def test_daisy_chained_weights_load_into_global_architecture():
 
     run_poll(stub, train=train_peer)
     assert torch.equal(received[0], peer.fc1.weight)
-    assert stub.updates == [(LOCAL, 1, 5)]
+    assert stub.updates == [(GLOBAL, 1, 5)]
 
 
 def test_webhook_mode_reads_receiver_queue():
