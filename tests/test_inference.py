@@ -132,6 +132,82 @@ def test_cache_failed_load_stores_nothing():
     assert len(cache) == 0
 
 
+def test_pool_lends_distinct_copies_up_to_limit():
+    loads = []
+
+    def load():
+        loads.append(1)
+        return torch.nn.Identity()
+
+    pool = inference.ModulePool(load, torch.nn.Identity(), max_replicas=2)
+    second_lease_taken = threading.Event()
+    release_second = threading.Event()
+    third: list[torch.nn.Module] = []
+
+    with pool.lease() as first:
+
+        def hold_second():
+            with pool.lease() as second:
+                assert second is not first
+                second_lease_taken.set()
+                release_second.wait(timeout=10)
+
+        holder = threading.Thread(target=hold_second)
+        holder.start()
+        assert second_lease_taken.wait(timeout=10)
+
+        def take_third():
+            with pool.lease() as module:
+                third.append(module)
+
+        waiter = threading.Thread(target=take_third)
+        waiter.start()
+        waiter.join(timeout=0.2)
+        assert waiter.is_alive(), "a third lease must wait while two copies are in use"
+
+        release_second.set()
+        holder.join(timeout=10)
+        waiter.join(timeout=10)
+
+    assert len(third) == 1
+    assert pool.replicas == 2
+    assert len(loads) == 1
+
+
+def test_pool_failed_load_frees_slot():
+    attempts = []
+
+    def load():
+        attempts.append(1)
+        raise inference.ModelNotReady("store unavailable")
+
+    pool = inference.ModulePool(load, torch.nn.Identity(), max_replicas=2)
+
+    with pool.lease():
+        with pytest.raises(inference.ModelNotReady), pool.lease():
+            pass
+        with pytest.raises(inference.ModelNotReady), pool.lease():
+            pass
+
+    assert len(attempts) == 2
+    assert pool.replicas == 1
+
+
+def test_runtime_reads_environment(monkeypatch):
+    previous = torch.get_num_threads()
+    monkeypatch.setattr(inference, "_runtime", None)
+    monkeypatch.setenv("FEDSERVE_TORCH_THREADS", "1")
+    monkeypatch.setenv("FEDSERVE_INFERENCE_REPLICAS", "3")
+    try:
+        settings = inference.runtime()
+
+        assert settings == inference.Runtime(torch_threads=1, replicas=3)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
+        monkeypatch.setattr(inference, "_runtime", None)
+
+
 # Plans and shapes
 
 
@@ -211,8 +287,8 @@ class Scale(torch.nn.Module):
 
 @pytest.mark.django_db
 def test_concurrent_swag_does_not_leak_weights(model_store):
-    # SWAG requests write sampled weights into the cached module; a plain pass on the same
-    # module in another thread must still see the stored weight 2.
+    # SWAG requests write sampled weights into their module copy. A plain pass in another
+    # thread must still see the stored weight 2.
     inference.cache.clear()
     owner = make_user()
     model = Model.objects.create(owner=owner, kind=ModelKind.SWAG)

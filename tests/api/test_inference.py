@@ -1,4 +1,4 @@
-"""POST /api/inference/: inputs, answers, methods, errors and permissions."""
+"""POST /api/inference/: inputs, responses, methods, errors and permissions."""
 
 from __future__ import annotations
 
@@ -646,8 +646,9 @@ MISSING = object()
         ({"model_id": "seven", "model_input": [[1.0]]}, "'seven' is not a valid UUID"),
         ({"model_input": MISSING}, "model_input is missing"),
         ({"model_input": [[1.0, 2.0], [3.0]]}, "rectangular"),
-        ({"model_input": [["a"]]}, "rectangular"),
-        ({"model_input": [[None]]}, "rectangular"),
+        ({"model_input": [["a"]]}, "contains str 'a'"),
+        ({"model_input": [[1.0, None]]}, "contains NoneType None"),
+        ({"model_input": [[10**40]]}, "NaN or infinity"),
         ({"model_input": {"x": 1}}, "nested list"),
         ({"model_input": [[1e40]]}, "NaN or infinity"),
         ({"model_input": "not base64!"}, "not valid base64"),
@@ -660,6 +661,7 @@ MISSING = object()
         "ragged",
         "string",
         "null",
+        "huge-int",
         "object",
         "overflow",
         "bad-base64",
@@ -685,6 +687,36 @@ def test_inference_body_not_object_400():
 
     assert response.status_code == 400
     assert "JSON object" in response.json()["detail"]
+
+
+def test_inference_malformed_json_400():
+    owner = make_user()
+
+    response = client_for(owner).post(URL, b'{"model_id": ', content_type="application/json")
+
+    assert response.status_code == 400
+    assert "not valid JSON" in response.json()["detail"]
+
+
+def test_inference_json_body_over_limit_413(settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    owner = make_user()
+    model = echo_model(owner)
+
+    response = post_json(owner, {"model_id": str(model.pk), "model_input": [[0.5] * 400]})
+
+    assert response.status_code == 413
+    assert "multipart" in response.json()["detail"]
+
+
+def test_inference_file_over_limit_413(settings):
+    settings.FEDSERVE_MAX_UPLOAD_BYTES = 1024
+    owner = make_user()
+    model = echo_model(owner)
+
+    response = post_file(owner, model, tensor_bytes(torch.zeros(4000)))
+
+    assert response.status_code == 413
 
 
 def test_inference_unreadable_file_400():
@@ -764,7 +796,16 @@ def test_inference_schema_documents_operation():
     schema = client_for(None).get("/api/schema/", {"format": "json"}).json()
     operation = schema["paths"]["/api/inference/"]["post"]
 
-    assert {int(code) for code in operation["responses"]} == {200, 400, 401, 403, 404, 409, 422}
+    assert {int(code) for code in operation["responses"]} == {
+        200,
+        400,
+        401,
+        403,
+        404,
+        409,
+        413,
+        422,
+    }
     assert set(operation["requestBody"]["content"]) == {
         "application/json",
         "multipart/form-data",
