@@ -1,3 +1,5 @@
+import gc
+
 import pytest
 import torch
 
@@ -5,6 +7,7 @@ from fedserve.aggregation import AggregationError, WeightedSum, weighted_average
 from fedserve.aggregation.fedavg import fedavg
 from fedserve.aggregation.feddc import feddc
 from fedserve.aggregation.fedprox import fedprox
+from fedserve.aggregation.weighted import empty_flat
 from tests.aggregation.states import relative_error
 
 
@@ -101,3 +104,31 @@ def test_weighted_sum_rejects_add_after_average():
 
     with pytest.raises(RuntimeError, match="after average"):
         total.add(torch.ones(1), 1.0)
+
+
+def test_empty_flat_large_buffer_is_usable():
+    numel = 5_000_000  # 20 MB: above the size that gets huge pages
+    flat = empty_flat(numel, dtype=torch.float32, device=torch.device("cpu"))
+
+    assert flat.shape == (numel,)
+    assert flat.dtype == torch.float32
+    assert flat.is_contiguous()
+    flat.fill_(2.0)
+    assert float(flat.sum()) == 2.0 * numel
+
+
+def test_empty_flat_view_outlives_buffer():
+    flat = empty_flat(5_000_000, dtype=torch.float64, device=torch.device("cpu"))
+    view = flat[-3:]
+    del flat
+    gc.collect()
+
+    view.fill_(1.5)
+
+    assert view.tolist() == [1.5, 1.5, 1.5]
+
+
+def test_empty_flat_small_buffer():
+    flat = empty_flat(10, dtype=torch.float32, device=torch.device("cpu"))
+
+    assert flat.shape == (10,)
