@@ -60,6 +60,14 @@ class DemoSettings:
             return "webhook" if index % 2 == 0 else "poll"
         return self.mode
 
+    def is_aggregation_round(self, round_number: int) -> bool:
+        """Tell whether the global model changed in this round (not a FedDC chain step)."""
+        if round_number < 1:
+            return False
+        if self.aggregation == "FedDC":
+            return round_number % self.daisy_chain_period == 0
+        return True
+
     def to_json(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["output"] = str(self.output)
@@ -272,7 +280,11 @@ def _federate(
 
     with clock.measure("training"):
         actor.start_training(training_id)
-        say(f"Training: {settings.rounds} rounds of {settings.aggregation} started.")
+        chained = ""
+        if settings.aggregation == "FedDC":
+            total = settings.rounds * settings.daisy_chain_period
+            chained = f" ({total} rounds with daisy chaining)"
+        say(f"Training: {settings.rounds} rounds of {settings.aggregation}{chained} started.")
         monitor = RoundMonitor(
             actor, training_id, model_id, data, [server, *participants], settings
         )
@@ -378,7 +390,7 @@ class RoundMonitor:
         payload = self.actor.download_model(self.model_id)
         if int(self.actor.get_training(self.training_id)["round"]) != round_number:
             return  # The next round finished during the download; it is recorded next time.
-        if round_number == 0:
+        if not self.settings.is_aggregation_round(round_number):
             return
         model = torch.jit.load(io.BytesIO(payload))
         metrics = evaluate(model, self.data.test_x, self.data.test_y)
@@ -407,6 +419,8 @@ class RoundMonitor:
         last = max([*self.results, *reported, 0])
         rows = []
         for round_number in range(1, last + 1):
+            if not self.settings.is_aggregation_round(round_number):
+                continue
             result = self.results.get(round_number, {})
             means = {
                 name: float(np.mean(values))
@@ -447,20 +461,12 @@ def _measure_inference(
 
     if "predictive_entropy" in uncertainty:
         measure = "predictive entropy"
-        scores = (
-            np.asarray(uncertainty["predictive_entropy"], dtype=np.float64)
-            .reshape(len(correct), -1)
-            .mean(axis=1)
-        )
-    elif "variance" in uncertainty:
-        measure = "mean variance"
-        scores = (
-            np.asarray(uncertainty["variance"], dtype=np.float64)
-            .reshape(len(correct), -1)
-            .mean(axis=1)
-        )
+        entropy = np.asarray(uncertainty["predictive_entropy"], dtype=np.float64)
+        scores = entropy.reshape(len(correct), -1).mean(axis=1)
     else:
-        measure = "entropy of one pass"
+        # Without probabilities from the server (NONE, or a MEAN model without the softmax
+        # option), the entropy of the softmax of the (mean) output ranks the images.
+        measure = "entropy of the mean prediction"
         probabilities = _as_probabilities(outputs)
         scores = -(probabilities * np.log(np.clip(probabilities, 1e-12, 1))).sum(axis=1)
 
