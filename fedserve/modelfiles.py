@@ -20,7 +20,9 @@ import io
 import json
 import logging
 import math
+import os
 import pickle
+import pickletools
 import struct
 import sys
 import zipfile
@@ -39,6 +41,8 @@ FileSource = IO[bytes] | bytes
 
 # Largest safetensors header accepted (100 MB), far above the header of any real model.
 _MAX_SAFETENSORS_HEADER = 100_000_000
+# Largest tensor data of a TorchScript archive that check_module_file loads (64 MiB).
+MODULE_CHECK_MAX_TENSOR_BYTES = 64 * 1024 * 1024
 # Bytes read at a time when scanning stored tensor data for NaN and infinity.
 _SCAN_CHUNK_BYTES = 8 * 1024 * 1024
 
@@ -195,8 +199,11 @@ def load_module(
     handle.seek(0)
 
     if fmt == FileFormat.TORCHSCRIPT:
+        # torch.jit.load reads a file object whole into memory, but from a path it reads only
+        # the records it needs (on the meta device: no tensor data).
+        source: IO[bytes] | str = _file_path(handle) or handle
         try:
-            return torch.jit.load(handle, map_location=map_location)
+            return torch.jit.load(source, map_location=map_location)
         except Exception as error:  # TorchScript raises RuntimeError and others on bad archives
             raise ModelFileError(f"The TorchScript archive cannot be loaded ({error}).") from None
     if fmt == FileFormat.PICKLED_MODULE:
@@ -210,6 +217,45 @@ def load_module(
         "The file contains only weights, but a global model needs an architecture: save the "
         "module with torch.jit.save(torch.jit.script(model), path)."
     )
+
+
+def check_module_file(fileobj: FileSource, fmt: str | None = None) -> FileFormat:
+    """Check that a file contains a module this server can load; return its format.
+
+    A TorchScript archive is loaded on the meta device when its tensor data is at most
+    `MODULE_CHECK_MAX_TENSOR_BYTES`. torch.jit.load reads every tensor record into memory
+    even then, so a larger archive is only checked for its structure (code, constants and
+    a data pickle that disassembles), which keeps an upload's memory independent of the
+    model size.
+    """
+    handle = _as_file(fileobj)
+    fmt = FileFormat(fmt or detect_format(handle))
+    handle.seek(0)
+    if fmt != FileFormat.TORCHSCRIPT or _tensor_bytes(handle) <= MODULE_CHECK_MAX_TENSOR_BYTES:
+        load_module(handle, fmt, map_location="meta")
+        return fmt
+
+    # NOTE: such an archive can still fail to load later (bad TorchScript code), which
+    # then surfaces where it is first loaded: metadata, inference or aggregation.
+    with zipfile.ZipFile(handle) as archive:
+        for name in archive.namelist():
+            if name.endswith(("/data.pkl", "/constants.pkl")):
+                try:
+                    for _opcode in pickletools.genops(archive.read(name)):
+                        pass
+                except Exception as error:  # pickletools raises ValueError and others
+                    raise ModelFileError(
+                        f"The TorchScript archive's {name} is damaged ({error})."
+                    ) from None
+    handle.seek(0)
+    return fmt
+
+
+def _tensor_bytes(handle: IO[bytes]) -> int:
+    with zipfile.ZipFile(handle) as archive:
+        total = sum(info.file_size for info in archive.infolist() if "/data/" in info.filename)
+    handle.seek(0)
+    return total
 
 
 def _load_pickled(handle: IO[bytes], *, map_location: str | None) -> Any:
@@ -230,6 +276,24 @@ def _load_pickled(handle: IO[bytes], *, map_location: str | None) -> Any:
 def _describe_pickle(handle: IO[bytes]) -> str:
     names = ", ".join(_unsafe_globals(handle)[:5]) if _is_zip(handle) else "Python objects"
     return f"The torch.save file contains pickled Python objects ({names})."
+
+
+def _file_path(handle: IO[bytes]) -> str | None:
+    """Return the filesystem path of an open file, or None when it has none."""
+    temporary_path = getattr(handle, "temporary_file_path", None)
+    if callable(temporary_path):
+        return str(temporary_path())
+    name = getattr(handle, "name", None)
+    if not isinstance(name, str) or not os.path.isabs(name):
+        return None
+    # The name of a wrapped file may be a client's file name; only trust it if it is this file.
+    try:
+        opened, named = os.fstat(handle.fileno()), os.stat(name)
+    except (OSError, AttributeError, io.UnsupportedOperation):
+        return None
+    if (opened.st_dev, opened.st_ino) != (named.st_dev, named.st_ino):
+        return None
+    return name
 
 
 def _is_zip(handle: IO[bytes]) -> bool:
@@ -482,7 +546,7 @@ def find_non_finite(fileobj: FileSource, fmt: str | None = None) -> str | None:
     """Describe the first tensor that contains NaN or infinity; return None when all are finite.
 
     For torch.save zip files and safetensors the data is read from the file in chunks, so
-    memory does not grow with the file size; other formats are loaded whole.
+    memory does not grow with the file size. Other formats are loaded whole.
     """
     handle = _as_file(fileobj)
     fmt = fmt or detect_format(handle)

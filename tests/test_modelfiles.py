@@ -245,3 +245,32 @@ def test_accepted_formats_mentions_pickles_only_when_enabled(settings):
     assert "nn.Module" not in modelfiles.accepted_formats()
     settings.FEDSERVE_ALLOW_PICKLED_MODULES = True
     assert "nn.Module" in modelfiles.accepted_formats()
+
+
+def test_check_module_file_loads_small_archives():
+    assert modelfiles.check_module_file(torchscript_bytes()) == FileFormat.TORCHSCRIPT
+    with pytest.raises(modelfiles.ModelFileError, match="needs an architecture"):
+        modelfiles.check_module_file(state_dict_bytes(tiny_state_dict()))
+
+
+def test_check_module_file_large_archive_checks_structure(monkeypatch):
+    monkeypatch.setattr(modelfiles, "MODULE_CHECK_MAX_TENSOR_BYTES", 16)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a large archive must not be loaded")
+
+    monkeypatch.setattr(modelfiles, "load_module", no_load)
+    assert modelfiles.check_module_file(torchscript_bytes()) == FileFormat.TORCHSCRIPT
+
+    damaged = io.BytesIO()
+    with (
+        zipfile.ZipFile(io.BytesIO(torchscript_bytes())) as source,
+        zipfile.ZipFile(damaged, "w") as target,
+    ):
+        for info in source.infolist():
+            data = source.read(info.filename)
+            if info.filename.endswith("/data.pkl"):
+                data = b"\x80\x02 not a pickle"
+            target.writestr(info, data)
+    with pytest.raises(modelfiles.ModelFileError, match=r"data\.pkl is damaged"):
+        modelfiles.check_module_file(damaged.getvalue())

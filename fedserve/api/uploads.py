@@ -146,7 +146,8 @@ class _FormCollector:
             self._file_bytes += size
             if self._file_bytes > self._max_file_bytes:
                 raise PayloadTooLarge(upload_limit_message(self._max_file_bytes))
-            self._file.write(data[start:end])
+            # A memoryview slice writes the part without copying it first.
+            self._file.write(memoryview(data)[start:end])
             return
         self._field_bytes += size
         if self._field_bytes > self._max_field_bytes:

@@ -148,8 +148,7 @@ def _file_response(path: str, filename: str) -> HttpResponseBase:
 def _check_module_upload(field: str, upload: File[Any]) -> FileFormat:
     """Check that an uploaded file is a module this server can load; return its format."""
     try:
-        fmt = modelfiles.detect_format(upload)
-        modelfiles.load_module(upload, fmt, map_location="meta")
+        fmt = modelfiles.check_module_file(upload)
     except modelfiles.ModelFileError as error:
         raise ValidationError({field: [str(error)]}) from None
     upload.seek(0)
