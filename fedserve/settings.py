@@ -101,6 +101,9 @@ elif MODEL_STORAGE == "s3":
             "file_overwrite": True,
             "default_acl": None,
             "querystring_auth": True,
+            # Reading a stored file spools it to FILE_UPLOAD_TEMP_DIR beyond 16 MiB; the
+            # default (0) keeps the whole object in memory.
+            "max_memory_size": 16 * 1024 * 1024,
         },
     }
 else:
