@@ -511,6 +511,8 @@ def _prepare_update(upload: File[Any], global_model: Model) -> File[Any]:
     upload.seek(0)
     if fmt == FileFormat.STATE_DICT:
         return upload
+    # NOTE: converting loads the whole update into memory, unlike the streamed checks of a
+    # torch.save state dict; clients with large models should send state dicts.
     state_dict = modelfiles.load_state_dict(upload, fmt)
     # The caller closes it, which deletes it unless the model store moved it into place.
     spool = tempfile.NamedTemporaryFile(dir=settings.FILE_UPLOAD_TEMP_DIR, suffix=".pt")  # noqa: SIM115
