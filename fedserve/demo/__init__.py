@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fedserve.client import FedserveError
 from fedserve.demo.processes import DemoError
-from fedserve.demo.runner import DemoSettings, run_demo
+from fedserve.demo.settings import DemoSettings
 
 AGGREGATIONS = ("FedAvg", "FedProx", "FedDC")
 UNCERTAINTIES = ("NONE", "MC_DROPOUT", "ENSEMBLE", "SWAG")
@@ -135,6 +135,9 @@ def main(arguments: list[str]) -> None:
         alpha=args.alpha,
         timeout=args.timeout,
     )
+    # The runner loads PyTorch, which takes seconds, so it is imported after the checks.
+    from fedserve.demo.runner import run_demo
+
     try:
         run_demo(settings)
     except (DemoError, FedserveError, ValueError, OSError) as exc:

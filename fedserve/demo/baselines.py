@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from fedserve.demo.data import DemoData
-from fedserve.demo.learning import TrainingSettings, build_model, evaluate, train_epochs
+from fedserve.demo.learning import build_model, evaluate, train_epochs
+from fedserve.demo.settings import TrainingSettings
 
 
 def centralized_accuracy(

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 from torch import nn
 
 from fedserve.demo.data import NUM_CLASSES, NUM_FEATURES
+from fedserve.demo.settings import TrainingSettings
 
 
 class DigitsNet(nn.Module):
@@ -22,18 +21,6 @@ class DigitsNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.dropout(torch.relu(self.fc1(x))))
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TrainingSettings:
-    """Local training: plain SGD with momentum, the same for participants and baselines."""
-
-    epochs: int = 5
-    learning_rate: float = 0.05
-    momentum: float = 0.9
-    batch_size: int = 32
-    # FedProx's proximal term weight; 0 is plain local training.
-    mu: float = 0.0
 
 
 def build_model(seed: int) -> torch.jit.ScriptModule:

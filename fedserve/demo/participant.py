@@ -20,7 +20,8 @@ import torch
 
 from fedserve.client import Client, NotificationType, WebhookReceiver
 from fedserve.demo.data import Shard
-from fedserve.demo.learning import TrainingSettings, evaluate, swag_moments, train_epochs
+from fedserve.demo.learning import evaluate, swag_moments, train_epochs
+from fedserve.demo.settings import TrainingSettings
 
 logger = logging.getLogger("fedserve.demo.participant")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import logging
@@ -21,7 +20,7 @@ import torch
 from fedserve.client import Client
 from fedserve.demo import baselines, report
 from fedserve.demo.data import DemoData, make_demo_data
-from fedserve.demo.learning import TrainingSettings, build_model, evaluate
+from fedserve.demo.learning import build_model, evaluate
 from fedserve.demo.processes import (
     ChildProcess,
     DemoError,
@@ -30,48 +29,13 @@ from fedserve.demo.processes import (
     start_server,
     stop_all,
 )
+from fedserve.demo.settings import DemoSettings, TrainingSettings
 
 logger = logging.getLogger(__name__)
 
 # Models kept for the ENSEMBLE method: the global models of the last rounds.
 ENSEMBLE_SIZE = 3
 MC_SAMPLES = 30
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DemoSettings:
-    participants: int = 5
-    rounds: int = 10
-    aggregation: str = "FedAvg"
-    uncertainty: str = "MC_DROPOUT"
-    seed: int = 0
-    mode: str = "mixed"
-    output: Path = Path("fedserve-demo")
-    port: int | None = None
-    epochs: int = TrainingSettings.epochs
-    learning_rate: float = TrainingSettings.learning_rate
-    alpha: float = 0.5
-    daisy_chain_period: int = 2
-    timeout: float = 900.0
-
-    def participant_mode(self, index: int) -> str:
-        """Return poll or webhook; a mixed demo alternates, starting with webhook."""
-        if self.mode == "mixed":
-            return "webhook" if index % 2 == 0 else "poll"
-        return self.mode
-
-    def is_aggregation_round(self, round_number: int) -> bool:
-        """Tell whether the global model changed in this round (not a FedDC chain step)."""
-        if round_number < 1:
-            return False
-        if self.aggregation == "FedDC":
-            return round_number % self.daisy_chain_period == 0
-        return True
-
-    def to_json(self) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
-        values["output"] = str(self.output)
-        return values
 
 
 def say(message: str) -> None:
