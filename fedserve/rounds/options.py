@@ -32,7 +32,9 @@ class TrainingOptions:
     delete_local_models_after_aggregation: bool = True
     # FedProx proximal term weight, sent to participants with each round.
     mu: float = 0.01
-    # Round policy: after this many seconds, aggregate if at least `min_updates` arrived.
+    # Round policy (see fedserve.rounds.deadlines): each phase that waits for participants
+    # ends after this many seconds and goes on if at least `min_updates` delivered (1 when
+    # unset); with fewer, the training ends in state E.
     round_timeout_seconds: float | None = None
     min_updates: int | None = None
 
