@@ -30,6 +30,18 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def check_port_free(port: int) -> None:
+    """Raise DemoError when `port` on 127.0.0.1 is taken, before anything is started."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise DemoError(
+                f"Port {port} on 127.0.0.1 is not available ({exc.strerror}); choose another "
+                "--port or leave it out to use a free one."
+            ) from exc
+
+
 def tail(path: Path, lines: int = 15) -> str:
     try:
         text = path.read_text(errors="replace")

@@ -24,6 +24,7 @@ from fedserve.demo.learning import build_model, evaluate
 from fedserve.demo.processes import (
     ChildProcess,
     DemoError,
+    check_port_free,
     child_environment,
     free_port,
     start_server,
@@ -62,6 +63,8 @@ class Stopwatch:
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
     """Run the demo end to end and return the report; raise DemoError on failure."""
     torch.set_num_threads(1)
+    if settings.port is not None:
+        check_port_free(settings.port)
     output = settings.output
     output.mkdir(parents=True, exist_ok=True)
     clock = Stopwatch()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,17 @@ def test_demo_rejects_unknown_aggregation(tmp_path: Path) -> None:
     result = run_demo("--aggregation", "FedSGD", "--output", str(tmp_path / "demo"), timeout=60)
     assert result.returncode == 2
     assert "invalid choice: 'FedSGD'" in result.stderr
+
+
+def test_demo_fails_clearly_on_taken_port(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_demo(
+            "--participants", "2", "--port", str(port), "--output", str(tmp_path / "demo"),
+            timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert f"Port {port} on 127.0.0.1 is not available" in result.stderr
+    assert not (tmp_path / "demo").exists()
