@@ -28,8 +28,8 @@ class Transport:
     """Send requests below `<base_url>/api/`, retrying network failures and 5xx responses.
 
     A retried POST may reach the server twice when the first response was lost on the way
-    back; the server rejects a second local update for the same round with 409, which
-    callers that upload updates treat as success.
+    back. The server rejects a second local update for the same round with 409, so callers
+    that upload updates treat 409 as success.
     """
 
     def __init__(

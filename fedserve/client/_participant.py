@@ -41,7 +41,7 @@ class Participant:
 
     Delivery is at least once, so the loop drops a notification it has already handled
     and treats 409 (this update or these metrics are already stored) as done. When
-    several notifications wait, only the newest one that asks for work is acted on: a
+    several notifications wait, only the newest one that requests work is acted on: a
     later round can only have started once the earlier one was over.
     """
 

@@ -62,7 +62,7 @@ def load_state_dict(data: bytes) -> dict[str, torch.Tensor]:
     if isinstance(loaded, Mapping) and all(isinstance(v, torch.Tensor) for v in loaded.values()):
         return {str(key): value for key, value in loaded.items()}
     raise ValueError(
-        f"The model file holds a {type(loaded).__name__}, not a state dict of tensors; "
+        f"The model file contains a {type(loaded).__name__}, not a state dict of tensors; "
         "save weights with torch.save(module.state_dict(), file)."
     )
 
@@ -71,14 +71,14 @@ def load_model(data: bytes, template: torch.nn.Module | None = None) -> torch.nn
     """Load a downloaded model: a TorchScript archive directly, weights into `template`.
 
     A weights-only file (for example another participant's update in a FedDC round) has no
-    architecture, so it needs a module of the same architecture to load into; `template` is
-    changed in place and returned.
+    architecture, so it needs a module of the same architecture to load into. `template`
+    is changed in place and returned.
     """
     if detect_format(data) == TORCHSCRIPT:
         return load_module(data)
     if template is None:
         raise ValueError(
-            "The downloaded file holds weights only; pass a module of the same architecture "
+            "The downloaded file contains weights only; pass a module of the same architecture "
             "(for example the training's global model) to load them into."
         )
     template.load_state_dict(load_state_dict(data), strict=True)

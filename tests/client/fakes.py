@@ -11,7 +11,7 @@ from typing import Any
 
 
 class ScriptedServer:
-    """Answer requests from a list of (status, JSON body) in order; record what arrived."""
+    """Respond with (status, JSON body) pairs from a list in order, and record each request."""
 
     def __init__(self, answers: list[tuple[int, Any]]) -> None:
         self.answers = list(answers)

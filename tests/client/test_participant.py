@@ -1,7 +1,7 @@
 """The participant loop against an in-process stand-in for the Client.
 
 The stand-in scripts the feed and records uploads, so each delivery pattern (repeats,
-backlogs, other trainings, stale rounds) is exact; tests/client/test_client_server.py
+backlogs, other trainings, stale rounds) is exact. tests/client/test_client_server.py
 runs the same loop against a real server.
 """
 
