@@ -21,6 +21,8 @@ from fedserve.client._errors import (
 logger = logging.getLogger("fedserve.client")
 
 # Files travel as (filename, bytes, content type), which requests encodes as multipart.
+# NOTE: whole files are held in memory so that a retry can send them again; models of
+# several gigabytes would need a streaming upload that the SDK does not have yet.
 FileField = tuple[str, bytes, str]
 
 
