@@ -10,6 +10,11 @@ from rest_framework import serializers
 
 from fedserve.core.models import Metric, Model, ModelKind
 
+# Largest values of the database columns on SQLite and PostgreSQL: round numbers are
+# PositiveIntegerField (32-bit signed), sample sizes PositiveBigIntegerField (64-bit signed).
+MAX_ROUND = 2**31 - 1
+MAX_SAMPLE_SIZE = 2**63 - 1
+
 # Fields that only some kinds of model have; the record omits them for the other kinds.
 _LOCAL_ONLY_FIELDS = ("base_model", "sample_size")
 _MEAN_ONLY_FIELDS = ("models",)
@@ -278,9 +283,13 @@ class MeanModelUploadSerializer(serializers.Serializer[Any]):
 class LocalModelUploadSerializer(serializers.Serializer[Any]):
     """Form of POST models/<id>/ (multipart): a participant's update for one round."""
 
-    round = serializers.IntegerField(min_value=0, help_text="The global model's current round.")
+    round = serializers.IntegerField(
+        min_value=0, max_value=MAX_ROUND, help_text="The global model's current round."
+    )
     sample_size = serializers.IntegerField(
-        min_value=1, help_text="Number of training samples, a positive integer."
+        min_value=1,
+        max_value=MAX_SAMPLE_SIZE,
+        help_text="Number of training samples, a positive integer.",
     )
     model_file = serializers.FileField(
         help_text="State dict (torch.save or safetensors) or TorchScript archive."
@@ -311,8 +320,8 @@ class PreprocessingUploadSerializer(serializers.Serializer[Any]):
 class SwagUploadSerializer(serializers.Serializer[Any]):
     """Form of POST models/<id>/swag/ (multipart)."""
 
-    round = serializers.IntegerField(min_value=0)
-    sample_size = serializers.IntegerField(min_value=1)
+    round = serializers.IntegerField(min_value=0, max_value=MAX_ROUND)
+    sample_size = serializers.IntegerField(min_value=1, max_value=MAX_SAMPLE_SIZE)
     first_moment_file = serializers.FileField(
         help_text="torch.save of a 1-D float tensor: mean of the flattened parameters."
     )

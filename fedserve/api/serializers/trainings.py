@@ -13,6 +13,7 @@ from fedserve.core.models import (
     Training,
     UncertaintyMethod,
 )
+from fedserve.api.serializers.models import MAX_ROUND
 from fedserve.rounds import progress
 from fedserve.rounds.options import OptionsError, TrainingOptions
 
@@ -22,7 +23,7 @@ class TrainingCreateSerializer(serializers.Serializer[Any]):
 
     model_id = serializers.UUIDField(help_text="Id of a global model you own.")
     target_num_updates = serializers.IntegerField(
-        min_value=1, help_text="Number of aggregation rounds to run."
+        min_value=1, max_value=MAX_ROUND, help_text="Number of aggregation rounds to run."
     )
     metric_names = serializers.ListField(
         child=serializers.CharField(max_length=256),
