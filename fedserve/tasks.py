@@ -139,6 +139,19 @@ def start_in_process_runner() -> None:
     _runner()
 
 
+def stop_in_process_runner() -> None:
+    """Stop the in-process runner, if one runs; the next `enqueue` starts a new one.
+
+    Tests call this so that periodic tasks of a runner that an earlier test started do not
+    run next to their own.
+    """
+    global _runner_instance
+    with _runner_lock:
+        runner, _runner_instance = _runner_instance, None
+    if runner is not None:
+        runner.close()
+
+
 def _closing(function: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a task so that it never reuses a database connection that went stale."""
 
@@ -157,7 +170,7 @@ def _closing(function: Callable[..., Any]) -> Callable[..., Any]:
 def _once_per_period(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
     """Skip a periodic Celery task that another beat already started in this period.
 
-    Every worker started with beat schedules the periodic tasks; a Redis key that expires
+    Every worker started with beat schedules the periodic tasks. A Redis key that expires
     after most of the period lets only the first of them run. Other tasks pass through.
     """
 

@@ -8,7 +8,7 @@ class CoreConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        # Task modules register their tasks and periodic schedules on import; servers and
+        # Task modules register their tasks and periodic schedules on import. Servers and
         # Celery workers both need the full registry before any task is sent or received.
         from fedserve import tasks
 

@@ -3,8 +3,8 @@
 Policy, with the options `round_timeout_seconds` and `min_updates`: every phase that waits
 for participants (updates, SWAG moments, test metrics) gets a deadline when it starts.
 When the deadline passes with at least `min_updates` deliveries (1 when unset), the round
-goes on with what arrived; participants who missed it stay in the training and are expected
-again in the next phase. With fewer deliveries the training ends in state E, and the reason
+goes on with what arrived. Participants who missed it stay in the training and are
+expected again in the next phase. With fewer deliveries the training ends in state E, and the reason
 is stored in `error_reason`.
 """
 
@@ -56,7 +56,7 @@ def needs_check(training: Training, now: datetime.datetime) -> bool:
 def sweep() -> int:
     """Schedule a round check for every ongoing training that needs one; return how many.
 
-    Round checks are idempotent, so a training checked twice is harmless; the sweep only
+    Round checks are idempotent, so a training checked twice is harmless. The sweep only
     makes sure that no trigger is lost (a restart, a dropped task, a passed deadline).
     """
     now = timezone.now()

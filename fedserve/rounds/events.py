@@ -1,7 +1,7 @@
 """Events of the training life cycle, each named as the fact that happened.
 
 `fedserve.rounds.switch` records an event once its facts are in the database (and, for an
-aggregation, once the new files are stored); `fedserve.rounds.transitions` turns it into
+aggregation, once the new files are stored). `fedserve.rounds.transitions` turns it into
 the training's next phase and the notifications that announce it.
 """
 

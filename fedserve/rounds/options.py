@@ -33,8 +33,8 @@ class TrainingOptions:
     # FedProx proximal term weight, sent to participants with each round.
     mu: float = 0.01
     # Round policy (see fedserve.rounds.deadlines): each phase that waits for participants
-    # ends after this many seconds and goes on if at least `min_updates` delivered (1 when
-    # unset); with fewer, the training ends in state E.
+    # ends after this many seconds. It goes on if at least `min_updates` participants
+    # delivered (1 when unset), and the training ends in state E otherwise.
     round_timeout_seconds: float | None = None
     min_updates: int | None = None
 

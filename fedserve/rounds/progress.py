@@ -17,8 +17,9 @@ from fedserve.core.models import (
     Training,
 )
 
-# Training.phase while a worker holds a round for aggregation. It is not among RoundPhase's
-# choices: the claim is internal bookkeeping, and the admin shows the raw value.
+# Training.phase while a worker has claimed the round for aggregation. It is not among
+# RoundPhase's choices because the claim is internal bookkeeping, so the admin shows the raw
+# value.
 AGGREGATING = "AGGREGATING"
 
 COLLECTING_PHASES = (

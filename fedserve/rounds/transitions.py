@@ -1,6 +1,6 @@
 """Transitions: from an event to the training's next phase and the notifications for it.
 
-`apply` changes the training (and its global model) in memory only; the caller holds the
+`apply` changes the training (and its global model) in memory only. The caller has the
 training's row lock, saves both and sends the returned messages in the same transaction.
 """
 

@@ -3,7 +3,7 @@
 These functions run outside any database transaction, because aggregating a large model
 takes seconds and SQLite would block every writer meanwhile. Each writes to a path named
 after the round and the claim (`attempt`), so a re-run never overwrites a file that a
-committed switch refers to; the caller switches the row to the new paths.
+committed switch refers to. The caller switches the row to the new paths.
 """
 
 from __future__ import annotations

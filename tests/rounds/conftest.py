@@ -12,7 +12,7 @@ import pytest
 import torch
 from django.core.files.base import ContentFile
 
-from fedserve import aggregation, modelstore, rounds
+from fedserve import aggregation, modelstore, rounds, tasks
 from fedserve.core.models import (
     Metric,
     Model,
@@ -27,7 +27,12 @@ from tests.factories import TinyNet, make_training, make_user, torchscript_bytes
 
 @pytest.fixture
 def lifecycle(settings, model_store, transactional_db) -> None:
-    """Run background tasks inline, against a database without a wrapping transaction."""
+    """Run background tasks inline, against a database without a wrapping transaction.
+
+    An in-process runner that an earlier test started would run the periodic sweep on its
+    own thread, racing with the test, so it is stopped first.
+    """
+    tasks.stop_in_process_runner()
     settings.FEDSERVE_TASKS_EAGER = True
 
 
@@ -83,7 +88,7 @@ def store_update(
     """Store a participant's local update for the model's current round, without the hook.
 
     The file is stored before the row is inserted, as an upload view does, so a racing
-    round check never sees a row without its file.
+    round check never reads a row without its file.
     """
     model = Model.objects.get(pk=training.model_id)
     local_id = uuid.uuid4()

@@ -101,3 +101,20 @@ def test_periodic_task_runs_once_per_period(settings, monkeypatch):
         )
 
     assert _calls == [()]
+
+
+def test_stopped_runner_is_replaced_on_next_enqueue(settings):
+    settings.CELERY_BROKER_URL = ""
+    settings.FEDSERVE_TASKS_EAGER = False
+    tasks.stop_in_process_runner()
+    try:
+        tasks.enqueue("tests.record_call", "first")
+        assert _ran.wait(5)
+        first = tasks._runner_instance
+        tasks.stop_in_process_runner()
+        assert tasks._runner_instance is None
+    finally:
+        tasks.stop_in_process_runner()
+
+    assert first is not None
+    assert _calls == [("first",)]

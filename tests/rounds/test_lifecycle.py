@@ -142,7 +142,7 @@ def test_skip_model_tests_goes_to_next_round():
     assert "MODEL_TEST_ROUND" not in types_received(users[0])
 
 
-def test_final_round_only_test_when_not_after_each_round():
+def test_tests_only_final_round_when_option_off():
     training, actor, users = started_training(
         participants=1, target_num_updates=2, options={"model_test_after_each_round": False}
     )
