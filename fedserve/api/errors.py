@@ -6,7 +6,8 @@ import logging
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.http import Http404
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.views import defaults
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -49,3 +50,21 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             response.data,
         )
     return response
+
+
+def page_not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """Answer 404 for a URL that matches no route: JSON below /api/, Django's page elsewhere.
+
+    A malformed id in a path, such as /api/models/not-a-uuid/, matches no route either.
+    """
+    if not request.path.startswith("/api/"):
+        return defaults.page_not_found(request, exception)
+    path = request.path if len(request.path) <= 200 else request.path[:200] + "..."
+    logger.warning("%s %s -> 404: no such API route", request.method, path)
+    return JsonResponse(
+        {
+            "detail": f"No API endpoint matches the path {path!r}. Check the path against "
+            "/api/schema/; ids in paths are canonical UUIDs (group ids are integers)."
+        },
+        status=404,
+    )

@@ -8,6 +8,7 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from fedserve.api.serializers.fields import IdField
 from fedserve.core.models import Metric, Model, ModelKind
 
 # Largest values of the database columns on SQLite and PostgreSQL: round numbers are
@@ -229,7 +230,7 @@ class ModelUploadSerializer(serializers.Serializer[Any]):
         help_text="Repeated field; each value an int or None for a free dimension.",
     )
     models = serializers.ListField(
-        child=serializers.UUIDField(),
+        child=IdField(),
         required=False,
         help_text="MEAN only: ids of global models you own.",
     )
@@ -275,9 +276,7 @@ class MeanModelUploadSerializer(serializers.Serializer[Any]):
     input_shape = serializers.ListField(
         child=InputDimensionField(), required=False, allow_null=True
     )
-    models = serializers.ListField(
-        child=serializers.UUIDField(), help_text="Ids of global models you own."
-    )
+    models = serializers.ListField(child=IdField(), help_text="Ids of global models you own.")
 
 
 class LocalModelUploadSerializer(serializers.Serializer[Any]):

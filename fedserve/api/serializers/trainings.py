@@ -6,6 +6,8 @@ from typing import Any
 
 from rest_framework import serializers
 
+from fedserve.api.serializers.fields import IdField
+from fedserve.api.serializers.models import MAX_ROUND
 from fedserve.core.models import (
     AggregationMethod,
     Participation,
@@ -13,7 +15,6 @@ from fedserve.core.models import (
     Training,
     UncertaintyMethod,
 )
-from fedserve.api.serializers.models import MAX_ROUND
 from fedserve.rounds import progress
 from fedserve.rounds.options import OptionsError, TrainingOptions
 
@@ -21,7 +22,7 @@ from fedserve.rounds.options import OptionsError, TrainingOptions
 class TrainingCreateSerializer(serializers.Serializer[Any]):
     """Body of POST trainings/."""
 
-    model_id = serializers.UUIDField(help_text="Id of a global model you own.")
+    model_id = IdField(help_text="Id of a global model you own.")
     target_num_updates = serializers.IntegerField(
         min_value=1, max_value=MAX_ROUND, help_text="Number of aggregation rounds to run."
     )
@@ -40,7 +41,7 @@ class TrainingCreateSerializer(serializers.Serializer[Any]):
         '{"daisy_chain_period": 2, "uncertainty": {"N": 10, "softmax": true}}.',
     )
     clients = serializers.ListField(
-        child=serializers.UUIDField(),
+        child=IdField(),
         default=list,
         help_text="User ids of the participants.",
     )
@@ -55,9 +56,7 @@ class TrainingCreateSerializer(serializers.Serializer[Any]):
 class TrainingClientsSerializer(serializers.Serializer[Any]):
     """Body of PUT and DELETE trainings/<id>/clients/."""
 
-    clients = serializers.ListField(
-        child=serializers.UUIDField(), allow_empty=False, help_text="User ids."
-    )
+    clients = serializers.ListField(child=IdField(), allow_empty=False, help_text="User ids.")
 
 
 class TrainingCreatedSerializer(serializers.Serializer[Any]):
