@@ -141,6 +141,8 @@ class RoundPhase(models.TextChoices):
     MODEL_TEST = "MODEL_TEST", "test metrics"
     SWAG = "SWAG", "SWAG moments"
     DAISY_CHAIN = "DAISY_CHAIN", "daisy-chained updates"
+    # Set by fedserve.rounds while one worker holds the claim to aggregate the round.
+    AGGREGATING = "AGGREGATING", "aggregation"
 
 
 class AggregationMethod(models.TextChoices):

@@ -17,10 +17,8 @@ from fedserve.core.models import (
     Training,
 )
 
-# Training.phase while a worker has claimed the round for aggregation. It is not among
-# RoundPhase's choices because the claim is internal bookkeeping, so the admin shows the raw
-# value.
-AGGREGATING = "AGGREGATING"
+# Training.phase while a worker has claimed the round for aggregation.
+AGGREGATING = RoundPhase.AGGREGATING
 
 COLLECTING_PHASES = (
     RoundPhase.UPDATE,
