@@ -12,6 +12,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from fedserve.api.serializers.fields import shortened
 from fedserve.core.models import Notification
 from fedserve.notify import feed
 
@@ -82,7 +83,7 @@ def _parse_after(raw: str | None) -> int:
         value = -1
     if not 0 <= value <= _MAX_SEQ:
         raise ParseError(
-            f"Query parameter 'after' must be a non-negative integer, got {raw!r}. "
+            f"Query parameter 'after' must be a non-negative integer, got {shortened(raw)}. "
             "Pass the `seq` of the last notification you read, or 0 for all."
         )
     return value
@@ -97,7 +98,8 @@ def _parse_wait(raw: str | None) -> float:
         value = math.nan
     if not (math.isfinite(value) and value >= 0):
         raise ParseError(
-            f"Query parameter 'wait' must be a non-negative number of seconds, got {raw!r}. "
+            "Query parameter 'wait' must be a non-negative number of seconds, "
+            f"got {shortened(raw)}. "
             f"Values above {feed.MAX_WAIT_SECONDS:.0f} wait {feed.MAX_WAIT_SECONDS:.0f} seconds."
         )
     return min(value, feed.MAX_WAIT_SECONDS)
