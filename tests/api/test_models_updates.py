@@ -276,16 +276,21 @@ def test_update_permissions(update_round, hooks):
     assert post_update(participant, untrained, content).status_code == 403
 
 
-def test_update_to_local_model_is_400(update_round, hooks):
+def test_update_to_peer_local_model_goes_to_global(update_round, hooks, model_store):
     training, participant = update_round
+    peer = training.participants.exclude(pk=participant.pk).get()
     content = state_dict_bytes(tiny_state())
-    assert post_update(participant, training.model, content).status_code == 201
-    local = Model.objects.get(kind=ModelKind.LOCAL)
+    assert post_update(peer, training.model, content).status_code == 201
+    peer_local = Model.objects.get(kind=ModelKind.LOCAL, owner=peer)
+    training.phase = RoundPhase.DAISY_CHAIN
+    training.save()
 
-    response = post_update(participant, local, content)
+    response = post_update(participant, peer_local, content)
 
-    assert response.status_code == 400
-    assert "is a local model" in response.json()["detail"]
+    assert response.status_code == 201
+    stored = Model.objects.get(kind=ModelKind.LOCAL, owner=participant)
+    assert stored.base_model_id == training.model_id
+    assert stored.round == training.model.round
 
 
 # SWAG moments

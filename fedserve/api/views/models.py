@@ -363,7 +363,10 @@ class ModelDetail(APIView):
     def post(self, request: Request, id: str) -> Response:
         model = _get_model(id)
         permissions.require_upload_local_model(request.user, model)
-        _require_global(model, "send updates to")
+        if model.kind == ModelKind.LOCAL and model.base_model is not None:
+            # A FedDC hand-over round names another participant's local model in its
+            # notification; an update posted to that id belongs to the training's global model.
+            model = model.base_model
         training = model.get_training()
         assert training is not None  # a participant's model always has a training
         _check_accepts_updates(training, model)
