@@ -12,6 +12,7 @@ from fedserve.core.models import (
     Metric,
     Model,
     ModelKind,
+    Notification,
     Participation,
     RoundPhase,
     SwagStatistic,
@@ -529,6 +530,24 @@ def test_delete_clients_removes_and_notifies_rounds(monkeypatch):
     assert response.status_code == 200
     assert list(training.participants.all()) == [staying]
     assert [t.pk for t in calls] == [training.pk]
+    removal = Notification.objects.get(recipient=leaving)
+    assert removal.notification_type == "CLIENT_REMOVED"
+    assert removal.training_id == training.pk
+    assert not Notification.objects.filter(recipient=staying).exists()
+
+
+def test_delete_clients_before_start_sends_nothing(monkeypatch):
+    monkeypatch.setattr("fedserve.api.views.trainings.rounds.participants_removed", lambda t: None)
+    actor = make_user()
+    leaving = make_user()
+    training = make_training(actor, [make_user(), leaving])
+
+    response = client_for(actor).delete(
+        f"/api/trainings/{training.pk}/clients/", {"clients": [str(leaving.pk)]}, format="json"
+    )
+
+    assert response.status_code == 200
+    assert not Notification.objects.exists()
 
 
 def test_delete_clients_not_participant_is_400(monkeypatch):

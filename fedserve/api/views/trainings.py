@@ -15,7 +15,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from fedserve import modelstore, rounds
+from fedserve import modelstore, notify, rounds
 from fedserve.api import permissions
 from fedserve.api.errors import Conflict
 from fedserve.api.serializers.trainings import (
@@ -249,6 +249,14 @@ class TrainingClients(APIView):
                     }
                 )
             memberships.delete()
+            if training.state in (TrainingState.ONGOING, TrainingState.SWAG_ROUND):
+                # Participants of a running training wait for notifications; tell them to stop.
+                notify.send(
+                    sorted(found, key=str),
+                    training,
+                    notify.NotificationType.CLIENT_REMOVED,
+                    {"reason": "removed from the training by its actor"},
+                )
         rounds.participants_removed(training)
         return Response({"detail": "Participants removed."})
 
