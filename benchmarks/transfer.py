@@ -1,11 +1,15 @@
 """Measure model upload and download through `fedserve serve` against raw loopback HTTP.
 
-Starts `fedserve serve` on 127.0.0.1 with a fresh data directory, registers a user, uploads
-a TorchScript model file as a global model (multipart, streamed from disk) and downloads
-it again. The same bytes then go through a minimal socket server that discards a request
-body or sends a file with sendfile. These raw figures show what the loopback and the HTTP
-client reach on this machine in the same run. The server process's peak RSS growth (with
-its children) is sampled during each transfer.
+Starts `fedserve serve` on 127.0.0.1 with a fresh data directory and, all multipart and
+streamed from disk by the same client code:
+- uploads a TorchScript archive as a global model (`POST /api/models/`) and downloads it,
+- starts a one-participant training of it and uploads a torch.save state dict of the same
+  size as the participant's local update (`POST /api/models/<id>/`), which the server also
+  checks for shapes and finite values.
+The same bytes then go through a minimal socket server that discards a request body or
+sends a file with sendfile. These raw figures show what the loopback and the HTTP client
+reach on this machine in the same run. The server process's peak RSS growth (with its
+children) is sampled during each transfer.
 
 Run from the repository root (as a module, so that `requests` is the installed package):
 
@@ -53,6 +57,14 @@ def write_model_file(path: Path, size_bytes: int) -> None:
     """Write a TorchScript archive of about `size_bytes` (one float32 parameter)."""
     module = torch.jit.script(_BigParameter(size_bytes // 4))
     torch.jit.save(module, str(path))
+
+
+def write_update_file(path: Path, size_bytes: int) -> None:
+    """Write a torch.save state dict that fits the model of `write_model_file`: a local
+    update. Its values are random, so the server's finite-value check reads real data."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.rand(size_bytes // 4, generator=generator)
+    torch.save({"weight": weight}, str(path))
 
 
 class MultipartFileBody:
@@ -146,16 +158,65 @@ def running_fedserve(data_dir: Path, **environment: str) -> Iterator[tuple[str, 
             server.wait()
 
 
-def register(base: str) -> dict[str, str]:
+def register(base: str, **fields: Any) -> dict[str, str]:
     """Register a fresh user; return the Authorization header for it."""
     name = f"bench-{uuid.uuid4().hex[:8]}"
     response = requests.post(
         f"{base}/api/users/",
-        json={"username": name, "password": f"{name}-password-1"},
+        json={"username": name, "password": f"{name}-password-1", **fields},
         timeout=30,
     )
     response.raise_for_status()
     return {"Authorization": f"Token {response.json()['token']}"}
+
+
+def user_id(base: str, headers: dict[str, str]) -> Any:
+    response = requests.get(f"{base}/api/users/myself/", headers=headers, timeout=30)
+    response.raise_for_status()
+    return response.json()["id"]
+
+
+def start_update_round(base: str, actor: dict[str, str], participant_id: Any, model_id: str) -> str:
+    """Start a one-participant FedAvg training of a model; return the training id once
+    round 0 waits for local updates."""
+    response = requests.post(
+        f"{base}/api/trainings/",
+        headers=actor,
+        json={
+            "model_id": model_id,
+            "target_num_updates": 1,
+            "metric_names": [],
+            "aggregation_method": "FedAvg",
+            "clients": [participant_id],
+            "options": {"skip_model_tests": True},
+        },
+        timeout=60,
+    )
+    response.raise_for_status()
+    training_id: str = response.json()["training_id"]
+    requests.post(
+        f"{base}/api/trainings/{training_id}/start/", headers=actor, timeout=60
+    ).raise_for_status()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        training = requests.get(f"{base}/api/trainings/{training_id}/", headers=actor, timeout=30)
+        training.raise_for_status()
+        if training.json().get("phase") == "UPDATE":
+            return training_id
+        time.sleep(0.2)
+    raise RuntimeError(f"training {training_id} did not reach its UPDATE phase within 120 s")
+
+
+def upload_update(
+    base: str, headers: dict[str, str], model_id: str, path: Path
+) -> requests.Response:
+    body = MultipartFileBody({"round": "0", "sample_size": "10"}, "model_file", path)
+    return requests.post(
+        f"{base}/api/models/{model_id}/",
+        data=body,
+        headers={**headers, "Content-Type": body.content_type},
+        timeout=600,
+    )
 
 
 class RssSampler:
@@ -321,8 +382,12 @@ def measure(size_mb: int, work_dir: Path) -> dict[str, Any]:
 
     raw_upload, raw_download = raw_transfer(model_path)
 
+    update_path = work_dir / "update.pt"
+    write_update_file(update_path, size_mb * MB)
+    update_size = update_path.stat().st_size
+
     with running_fedserve(work_dir / "data") as (base, pid):
-        headers = register(base)
+        headers = register(base, actor=True)
         # A small upload and download first, so imports and caches are warm before sampling.
         warmup = upload_model(base, headers, warmup_path)
         warmup.raise_for_status()
@@ -340,16 +405,26 @@ def measure(size_mb: int, work_dir: Path) -> dict[str, Any]:
             downloaded, digest = download(f"{base}/api/models/{model_id}/", headers)
             download_seconds = time.perf_counter() - start
 
+        participant = register(base, client=True)
+        start_update_round(base, headers, user_id(base, participant), model_id)
+        with RssSampler(pid) as update_memory:
+            start = time.perf_counter()
+            response = upload_update(base, participant, model_id, update_path)
+            update_seconds = time.perf_counter() - start
+        response.raise_for_status()
+
     if downloaded != size or digest != expected_digest:
         raise RuntimeError("the downloaded model differs from the uploaded file")
     return {
         "size_bytes": size,
         "upload_mb_s": size / MB / upload_seconds,
         "download_mb_s": size / MB / download_seconds,
+        "update_mb_s": update_size / MB / update_seconds,
         "raw_upload_mb_s": raw_upload,
         "raw_download_mb_s": raw_download,
         "upload_rss_growth_mb": upload_memory.growth / MB,
         "download_rss_growth_mb": download_memory.growth / MB,
+        "update_rss_growth_mb": update_memory.growth / MB,
     }
 
 
@@ -368,13 +443,18 @@ def main() -> None:
     print(
         f"CPU: {os.cpu_count()} cores, Python {sys.version.split()[0]}, torch {torch.__version__}"
     )
-    for direction in ("upload", "download"):
-        speed = figures[f"{direction}_mb_s"]
+    rows = (
+        ("global model upload (POST /api/models/, TorchScript)", "upload", "upload"),
+        ("local update upload (POST /api/models/<id>/, state dict)", "update", "upload"),
+        ("global model download (GET /api/models/<id>/)", "download", "download"),
+    )
+    for label, key, direction in rows:
+        speed = figures[f"{key}_mb_s"]
         raw = figures[f"raw_{direction}_mb_s"]
         print(
-            f"{direction:>8}: fedserve {speed:7.0f} MB/s, raw loopback {raw:7.0f} MB/s "
+            f"{label}:\n  fedserve {speed:6.0f} MB/s, raw loopback {raw:6.0f} MB/s "
             f"({speed / raw:.0%} of raw), server peak RSS growth "
-            f"{figures[f'{direction}_rss_growth_mb']:.0f} MB"
+            f"{figures[f'{key}_rss_growth_mb']:.0f} MB"
         )
 
 
