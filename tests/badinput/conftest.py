@@ -90,3 +90,14 @@ def unchanged(model_store):
         assert now.files == before.files
 
     return check
+
+
+@pytest.fixture
+def round_hooks(monkeypatch) -> list[tuple[Any, ...]]:
+    """Record the calls views make to fedserve.rounds instead of running the life cycle."""
+    calls: list[tuple[Any, ...]] = []
+    for name in ("local_model_uploaded", "metrics_uploaded", "swag_statistic_uploaded"):
+        monkeypatch.setattr(
+            f"fedserve.rounds.{name}", lambda *args, _name=name: calls.append((_name, *args))
+        )
+    return calls
