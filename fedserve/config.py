@@ -69,7 +69,9 @@ def secret_key() -> str:
     """
     key = os.environ.get("FEDSERVE_SECRET_KEY", "")
     if is_production():
-        if len(key) < 32 or "insecure" in key or key.lower() in {"changeme", "secret"}:
+        # Fewer than 5 distinct characters is Django's own test for a weak key (security.W009).
+        weak = len(key) < 32 or len(set(key)) < 5
+        if weak or "insecure" in key or key.lower() in {"changeme", "secret"}:
             raise ConfigurationError(
                 "FEDSERVE_SECRET_KEY must be set to a random value of at least 32 characters "
                 "in production mode; generate one with: "

@@ -13,6 +13,7 @@ from rest_framework import serializers
 from rest_framework.authtoken.models import Token
 
 from fedserve.core.models import User
+from fedserve.notify import webhook
 
 
 class UserSerializer(serializers.ModelSerializer[User]):
@@ -74,6 +75,13 @@ class UserSerializer(serializers.ModelSerializer[User]):
             raise serializers.ValidationError(
                 f"message_endpoint {value!r} uses the scheme {scheme!r}; use an http:// or "
                 "https:// URL, or an empty string to pull notifications instead."
+            )
+        # Accept only what webhook delivery can contact, such as a port within 0-65535.
+        problem = webhook.endpoint_problem(value)
+        if problem is not None:
+            raise serializers.ValidationError(
+                f"message_endpoint {value!r} cannot be used: {problem}. Send a valid http:// "
+                "or https:// URL, or an empty string to pull notifications instead."
             )
         return value
 
