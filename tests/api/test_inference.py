@@ -814,3 +814,5 @@ def test_inference_schema_documents_operation():
         "application/json",
         "application/octet-stream",
     }
+    # A single forward pass returns an empty uncertainty object, so no field is required.
+    assert "required" not in schema["components"]["schemas"]["Uncertainty"]

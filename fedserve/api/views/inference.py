@@ -58,10 +58,15 @@ class InferenceMultipartRequestSerializer(serializers.Serializer[Any]):
 
 
 class UncertaintySerializer(serializers.Serializer[Any]):
-    """Uncertainty values, each shaped like the output (entropies without the class axis)."""
+    """Uncertainty values, each shaped like the output (entropies without the class axis).
 
-    variance = serializers.JSONField(help_text="Population variance over the samples.")
-    std = serializers.JSONField(help_text="Square root of the variance.")
+    Every field is absent for a single forward pass (uncertainty method NONE).
+    """
+
+    variance = serializers.JSONField(
+        required=False, help_text="Population variance over the samples."
+    )
+    std = serializers.JSONField(required=False, help_text="Square root of the variance.")
     predictive_entropy = serializers.JSONField(
         required=False, help_text="Entropy (nats) of the mean probabilities."
     )
@@ -225,9 +230,11 @@ class Inference(APIView):
         model_id = _model_id(data.get("model_id"))
         return_format = _return_format(data.get("return_format"))
         # The training decides the uncertainty method, so it is fetched in the same query.
-        model = Model.objects.select_related("training").filter(pk=model_id).first()
-        if model is None:
-            raise NotFound(f"Model {model_id} not found; check model_id.")
+        # get(), because first() would add an ORDER BY that a primary-key lookup does not need.
+        try:
+            model = Model.objects.select_related("training").get(pk=model_id)
+        except Model.DoesNotExist:
+            raise NotFound(f"Model {model_id} not found; check model_id.") from None
         permissions.require_use_model_for_inference(request.user, model)
 
         try:
