@@ -1,18 +1,17 @@
 """Request parsers for uploads: streaming multipart/form-data and size-limited JSON.
 
-The multipart parser writes each file part straight to a temporary file in
-`settings.FILE_UPLOAD_TEMP_DIR` while it reads the body, so memory does not grow with the
-file size. A local model store later moves that file into place instead of copying it.
+The multipart parser writes each file part to a temporary file in
+`settings.FILE_UPLOAD_TEMP_DIR` (on a writer thread) while it reads the body into a few
+reused buffers, so memory does not grow with the file size. A local model store later
+moves that file into place instead of copying it.
 Uploads over `settings.FEDSERVE_MAX_UPLOAD_BYTES` are rejected with 413 before the body is
 read when the request declares its length, and otherwise as soon as the limit is passed.
 """
 
 from __future__ import annotations
 
-import errno
 import io
 import logging
-import mmap
 import os
 import queue
 import re
@@ -41,12 +40,6 @@ READ_CHUNK_BYTES = 1024 * 1024
 # thread: together they bound the memory of an upload whose writes lag behind.
 RECEIVE_BUFFERS = 4
 WRITE_QUEUE_DEPTH = 8
-# Uploads declaring at least this many bytes write files with O_DIRECT (see _FileSink),
-# in blocks of DIRECT_WRITE_BYTES.
-DIRECT_IO_MIN_BYTES = 16 * 1024 * 1024
-DIRECT_WRITE_BYTES = 4 * 1024 * 1024
-# os.O_DIRECT exists on Linux only; 0 disables direct writes elsewhere.
-_O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 # Room in a request body for form fields and multipart framing, beyond the file limit.
 FORM_ALLOWANCE_BYTES = 1024 * 1024
 
@@ -84,7 +77,7 @@ def _body_chunks(
     """Yield the request body in blocks of up to READ_CHUNK_BYTES.
 
     Under gunicorn the body is read from the client socket (see `_GunicornSocketBody`)
-    into buffers taken from `pool`, which the consumer gives back; elsewhere it is read
+    into buffers taken from `pool`, and the consumer gives them back. Elsewhere it is read
     from `stream` as bytes.
     """
     request = (parser_context or {}).get("request")
@@ -100,11 +93,12 @@ def _body_chunks(
 
 
 class _GunicornSocketBody:
-    """The unread body of a gunicorn request, received from its socket into one buffer.
+    """The unread body of a gunicorn request, received from its socket into pooled buffers.
 
     gunicorn's `wsgi.input` copies every received block several times through BytesIO
-    buffers, which halved upload throughput (measured with benchmarks/transfer.py). Here
-    `recv_into` fills a reused buffer directly. The remaining length in gunicorn's
+    buffers, which took about a third of the request thread's time in a profile of a
+    512 MB upload (benchmarks/transfer.py, 2-core virtual machine). Here
+    `recv_into` fills reused buffers directly. The remaining length in gunicorn's
     LengthReader is kept up to date, so after a partly read body (a 413, a malformed part)
     gunicorn drains or closes the connection as it would after reading `wsgi.input`.
     """
@@ -117,8 +111,8 @@ class _GunicornSocketBody:
 
     @classmethod
     def take_over(cls, environ: Mapping[str, Any] | None) -> _GunicornSocketBody | None:
-        """Return a reader for a gunicorn request body of known length that nobody has
-        started to read, or None (another server, chunked encoding, a body already read).
+        """Return a reader for a gunicorn request body of known length that is still unread,
+        or None (another server, chunked encoding, a body already partly read).
 
         NOTE: this relies on gunicorn's Body, LengthReader and SocketUnreader (checked
         with gunicorn 27.0); for any other shape it returns None and the caller reads
@@ -160,10 +154,10 @@ class _GunicornSocketBody:
         while self._reader.length > 0:
             buffer = pool.acquire()
             with memoryview(buffer) as view:
-                wanted = min(len(buffer), self._reader.length)
+                expected = min(len(buffer), self._reader.length)
                 filled = 0
-                while filled < wanted:
-                    received = self._receive(view[filled:wanted])
+                while filled < expected:
+                    received = self._receive(view[filled:expected])
                     if received == 0:
                         break
                     filled += received
@@ -173,7 +167,7 @@ class _GunicornSocketBody:
                 pool.release(buffer)
                 if short_block:
                     yield short_block
-                if filled < wanted:
+                if filled < expected:
                     return  # the client closed the connection before the end of the body
             else:
                 yield buffer
@@ -216,7 +210,8 @@ class _BackgroundWriter:
     """Writes file parts on a thread of its own, in order, while the request thread
     receives and parses the next blocks.
 
-    Writing to the page cache costs about as much CPU time as receiving the bytes, and
+    Writing to the page cache took more time than receiving and parsing the bytes in a
+    profile of a 512 MB upload (benchmarks/transfer.py, 2-core virtual machine), and
     both release the GIL, so on two or more cores they overlap. An error from a write
     is raised in the request thread at its next call here.
     """
@@ -228,13 +223,8 @@ class _BackgroundWriter:
         self._thread = threading.Thread(target=self._run, name="upload-writer", daemon=True)
         self._thread.start()
 
-    def write(self, sink: _FileSink | None, data: memoryview) -> None:
-        assert sink is not None
-        self._put((partial(sink.write, data), False))
-
-    def finish(self, sink: _FileSink | None) -> None:
-        assert sink is not None
-        self._put((sink.finish, False))
+    def write(self, file: IO[bytes], data: memoryview) -> None:
+        self._put((partial(file.write, data), False))
 
     def release_later(self, pool: _BufferPool, buffer: bytearray) -> None:
         """Give `buffer` back to `pool` once every write queued before has finished."""
@@ -271,81 +261,6 @@ class _BackgroundWriter:
         self._queue.task_done()
 
 
-class _FileSink:
-    """Writes one uploaded file into its temporary file, bypassing the page cache for large
-    uploads.
-
-    A buffered write into the page cache cost about as much CPU time as receiving the
-    bytes (measured with benchmarks/transfer.py on a 2-core virtual machine). With
-    O_DIRECT the disk reads full, aligned blocks from a staging buffer, and only the last
-    partial block goes through the page cache. Where O_DIRECT is unavailable or rejected
-    (tmpfs on older kernels, other systems) every write is buffered.
-    """
-
-    def __init__(self, upload: TemporaryUploadedFile, *, direct: bool) -> None:
-        self._upload = upload
-        self._fd: int | None = None
-        self._block: mmap.mmap | None = None
-        self._filled = 0
-        self._direct_bytes = 0
-        if direct and _O_DIRECT:
-            try:
-                self._fd = os.open(upload.temporary_file_path(), os.O_WRONLY | _O_DIRECT)
-            except OSError as error:
-                logger.debug("writing uploads without O_DIRECT: %s", error)
-            else:
-                # An anonymous map is page-aligned, as O_DIRECT requires of the memory.
-                self._block = mmap.mmap(-1, DIRECT_WRITE_BYTES)
-
-    def write(self, data: memoryview) -> None:
-        while data and self._block is not None:
-            block = self._block
-            count = min(len(data), len(block) - self._filled)
-            block[self._filled : self._filled + count] = data[:count]
-            self._filled += count
-            data = data[count:]
-            if self._filled == len(block):
-                self._write_block()
-        if data:
-            self._upload.write(data)
-
-    def finish(self) -> None:
-        """Write what is left in the staging buffer and release it."""
-        if self._block is None:
-            return
-        tail = self._block[: self._filled]
-        self.close()
-        self._upload.seek(self._direct_bytes)
-        self._upload.write(tail)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self._block is not None:
-            self._block.close()
-            self._block = None
-
-    def _write_block(self) -> None:
-        assert self._fd is not None and self._block is not None
-        try:
-            written = os.pwrite(self._fd, self._block, self._direct_bytes)
-        except OSError as error:
-            if error.errno != errno.EINVAL:
-                raise
-            # The filesystem wants a larger alignment: write the rest through the page cache.
-            logger.debug("writing uploads without O_DIRECT: %s", error)
-            self._upload.seek(self._direct_bytes)
-            self._upload.write(self._block)
-            self._direct_bytes += len(self._block)
-            self.close()
-            return
-        if written != len(self._block):
-            raise OSError(errno.EIO, f"short direct write of {written} bytes")
-        self._direct_bytes += written
-        self._filled = 0
-
-
 # Parsing multipart bodies
 
 
@@ -358,7 +273,6 @@ class _FormCollector:
         max_file_bytes: int,
         max_field_bytes: int,
         writer: _BackgroundWriter,
-        direct_io: bool,
     ) -> None:
         self.data = QueryDict(mutable=True)
         self.files: MultiValueDict[str, TemporaryUploadedFile] = MultiValueDict()
@@ -369,9 +283,6 @@ class _FormCollector:
         self._field_bytes = 0
         self._open_files: list[TemporaryUploadedFile] = []
         self._writer = writer
-        self._direct_io = direct_io
-        self._sinks: list[_FileSink] = []
-        self._sink: _FileSink | None = None
 
         self._header_name = bytearray()
         self._header_value = bytearray()
@@ -394,9 +305,6 @@ class _FormCollector:
 
     def discard(self) -> None:
         """Close and thereby delete every temporary file written so far."""
-        for sink in self._sinks:
-            sink.close()
-        self._sinks.clear()
         for upload in self._open_files:
             upload.close()
         self._open_files.clear()
@@ -405,7 +313,6 @@ class _FormCollector:
         self._headers = {}
         self._name = None
         self._file = None
-        self._sink = None
         self._field_value = bytearray()
 
     def _on_header_field(self, data: bytes, start: int, end: int) -> None:
@@ -447,8 +354,6 @@ class _FormCollector:
         )
         self._file = TemporaryUploadedFile(file_name, content_type.decode("latin-1"), 0, None, {})
         self._open_files.append(self._file)
-        self._sink = _FileSink(self._file, direct=self._direct_io)
-        self._sinks.append(self._sink)
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._name is None:
@@ -459,7 +364,7 @@ class _FormCollector:
             if self._file_bytes > self._max_file_bytes:
                 raise PayloadTooLarge(upload_limit_message(self._max_file_bytes))
             # A memoryview slice writes the part without copying it first.
-            self._writer.write(self._sink, memoryview(data)[start:end])
+            self._writer.write(self._file, memoryview(data)[start:end])
             return
         self._field_bytes += size
         if self._field_bytes > self._max_field_bytes:
@@ -473,7 +378,6 @@ class _FormCollector:
         if self._name is None:
             return
         if self._file is not None:
-            self._writer.finish(self._sink)
             self._writer.wait()
             self._file.flush()
             self._file.size = self._file.tell()
@@ -489,7 +393,6 @@ class _FormCollector:
             )
         self._name = None
         self._file = None
-        self._sink = None
 
     def _on_end(self) -> None:
         self.finished = True
@@ -536,7 +439,6 @@ class StreamingMultiPartParser(BaseParser):
             max_file_bytes=max_file_bytes,
             max_field_bytes=settings.DATA_UPLOAD_MAX_MEMORY_SIZE,
             writer=writer,
-            direct_io=declared is not None and declared >= DIRECT_IO_MIN_BYTES,
         )
         try:
             try:

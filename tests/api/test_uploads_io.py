@@ -1,4 +1,4 @@
-"""How the multipart parser reads and writes: gunicorn's socket, direct I/O, the writer thread."""
+"""How the multipart parser reads and writes: gunicorn's socket and the writer thread."""
 
 from __future__ import annotations
 
@@ -30,19 +30,18 @@ def temp_dir(settings, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Use direct I/O for any size, with blocks small enough that tests cross many of them."""
-    monkeypatch.setattr(uploads, "DIRECT_IO_MIN_BYTES", 0)
-    monkeypatch.setattr(uploads, "DIRECT_WRITE_BYTES", 64 * 1024)
+    """Receive in blocks small enough that tests cycle through every pooled buffer."""
     monkeypatch.setattr(uploads, "READ_CHUNK_BYTES", 48 * 1024)
 
 
-@pytest.mark.parametrize("size", [0, 17, 64 * 1024, 3 * 64 * 1024 + 5])
-def test_direct_writes_keep_file_content(temp_dir, small_blocks, size):
+@pytest.mark.parametrize("size", [0, 17, 48 * 1024, 9 * 48 * 1024 + 5])
+def test_writer_thread_keeps_file_content(temp_dir, small_blocks, size):
     content = os.urandom(size)
     body = multipart_body([("name", "x")], [("a", "a.pt", content), ("b", "b.pt", content[::-1])])
 
     parsed = parse(body)
 
+    assert parsed.data["name"] == "x"
     for field, expected in (("a", content), ("b", content[::-1])):
         upload = parsed.files[field]
         assert upload.size == len(expected)
@@ -51,43 +50,11 @@ def test_direct_writes_keep_file_content(temp_dir, small_blocks, size):
     assert list(temp_dir.iterdir()) == []
 
 
-def test_direct_writes_used_for_large_uploads(temp_dir, small_blocks, monkeypatch):
-    opened_flags = []
-    real_open = os.open
-
-    def recording_open(path, flags, *args):
-        opened_flags.append(flags)
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(uploads.os, "open", recording_open)
-    content = os.urandom(200 * 1024)
-
-    parsed = parse(multipart_body([], [("a", "a.pt", content)]))
-
-    assert parsed.files["a"].read() == content
-    parsed.files["a"].close()
-    if uploads._O_DIRECT:
-        assert any(flags & uploads._O_DIRECT for flags in opened_flags)
-
-
-def test_direct_write_rejected_falls_back_to_buffered(temp_dir, small_blocks, monkeypatch):
-    def rejecting_pwrite(fd, data, offset):
-        raise OSError(errno.EINVAL, "Invalid argument")
-
-    monkeypatch.setattr(uploads.os, "pwrite", rejecting_pwrite)
-    content = os.urandom(300 * 1024 + 3)
-
-    parsed = parse(multipart_body([], [("a", "a.pt", content)]))
-
-    assert parsed.files["a"].read() == content
-    parsed.files["a"].close()
-
-
 def test_write_error_reaches_request_and_removes_files(temp_dir, small_blocks, monkeypatch):
-    def full_disk(self, data):
+    def full_disk(data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(uploads._FileSink, "write", full_disk)
+    monkeypatch.setattr(uploads.TemporaryUploadedFile, "write", property(lambda self: full_disk))
     body = multipart_body([], [("a", "a.pt", os.urandom(500 * 1024))])
 
     with pytest.raises(OSError, match="No space left"):
@@ -103,8 +70,9 @@ def test_write_error_reaches_request_and_removes_files(temp_dir, small_blocks, m
 def gunicorn_request(body: bytes, already_received: int, pipelined: bytes = b""):
     """Build gunicorn's body objects for `body` as its gthread worker does.
 
-    gunicorn has received the first `already_received` bytes of the body with the headers
-    (and `pipelined`, the next request, if they all fit); the rest waits in the socket.
+    gunicorn has received the first `already_received` bytes of the body with the headers,
+    and `pipelined` (the next request) too if the whole body fit. The rest waits in the
+    socket.
     """
     server, client = socket.socketpair()
     unreader = SocketUnreader(server)
