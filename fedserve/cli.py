@@ -8,6 +8,9 @@ import os
 import sys
 from typing import Any
 
+from fedserve import config
+from fedserve.memory import use_fixed_mmap_threshold
+
 logger = logging.getLogger("fedserve.cli")
 
 
@@ -30,6 +33,7 @@ def _migrate_if_embedded() -> None:
 def serve(host: str, port: int, workers: int, threads: int) -> None:
     """Run the API under gunicorn with threaded workers."""
     _setup_django()
+    use_fixed_mmap_threshold()
     _migrate_if_embedded()
 
     from django.conf import settings
@@ -76,6 +80,7 @@ def serve(host: str, port: int, workers: int, threads: int) -> None:
 def worker(concurrency: int) -> None:
     """Run a Celery worker for the background tasks."""
     _setup_django()
+    use_fixed_mmap_threshold()
     from django.conf import settings
 
     if not settings.CELERY_BROKER_URL:
@@ -110,13 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument(
         "--workers",
         type=int,
-        default=int(os.environ.get("FEDSERVE_WORKERS", "1")),
+        default=config.env_int("FEDSERVE_WORKERS", 1, minimum=1),
         help="worker processes (production only; the embedded default uses one)",
     )
     serve_parser.add_argument(
         "--threads",
         type=int,
-        default=int(os.environ.get("FEDSERVE_THREADS", "32")),
+        default=config.env_int("FEDSERVE_THREADS", 32, minimum=1),
         help="request threads per worker process",
     )
 
@@ -135,10 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(
-        level=os.environ.get("FEDSERVE_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    """Run the `fedserve` command; a configuration error ends it with one line, not a traceback."""
+    try:
+        _main(argv)
+    except config.ConfigurationError as error:
+        sys.exit(f"fedserve: invalid configuration: {error}")
+
+
+def _main(argv: list[str] | None) -> None:
+    raw_level = os.environ.get("FEDSERVE_LOG_LEVEL", "INFO")
+    level = raw_level.upper()
+    if level not in logging.getLevelNamesMapping():
+        raise config.ConfigurationError(
+            f"FEDSERVE_LOG_LEVEL={raw_level!r} is not a log level; "
+            "use DEBUG, INFO, WARNING or ERROR."
+        )
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     parser = build_parser()
     # argparse.REMAINDER does not take options that come first (`demo --rounds 3`), so
     # the demo gets whatever the top-level parser does not recognize.

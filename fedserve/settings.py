@@ -68,7 +68,13 @@ TEMPLATES = [
 
 # Database: SQLite in the data dir unless DATABASE_URL names another server.
 _default_db = f"sqlite:///{DATA_DIR / 'fedserve.sqlite3'}"
-DATABASES = {"default": dj_database_url.parse(os.environ.get("DATABASE_URL", _default_db))}
+try:
+    DATABASES = {"default": dj_database_url.parse(os.environ.get("DATABASE_URL", _default_db))}
+except ValueError as error:
+    raise config.ConfigurationError(
+        f"DATABASE_URL={os.environ.get('DATABASE_URL')!r} is invalid ({error}); use a URL such "
+        "as postgres://user@127.0.0.1:5432/fedserve, or unset it for SQLite in the data dir."
+    ) from None
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # IMMEDIATE transactions take the write lock when they begin, so two requests cannot both
     # read a round as open and then both switch it (SQLite has no SELECT ... FOR UPDATE).

@@ -83,6 +83,23 @@ class TokenAuthentication(authentication.TokenAuthentication):
     return 401 (not 403) when credentials are missing or wrong.
     """
 
+    def authenticate(self, request: Request) -> tuple[Any, Token] | None:
+        header = authentication.get_authorization_header(request).split()
+        if not header or header[0].lower() != b"bearer":
+            return super().authenticate(request)
+        # Many HTTP clients send a token as "Bearer"; the same key works under that scheme.
+        if len(header) != 2:
+            raise exceptions.AuthenticationFailed(
+                "Invalid Bearer header: send 'Authorization: Bearer <token>' with one token."
+            )
+        try:
+            key = header[1].decode("ascii")
+        except UnicodeDecodeError:
+            raise exceptions.AuthenticationFailed(
+                "Invalid Bearer header: a token contains only ASCII letters and digits."
+            ) from None
+        return self.authenticate_credentials(key)
+
     def authenticate_credentials(self, key: str) -> tuple[Any, Token]:
         _reject_nul(key)
         try:

@@ -18,6 +18,7 @@ import psutil
 import torch
 
 from fedserve.aggregation import aggregate
+from fedserve.memory import use_fixed_mmap_threshold
 
 # 24 layers of 1024 x 1024 float32 weights: about 100 MB of parameters.
 LAYERS = 24
@@ -49,6 +50,10 @@ def main() -> None:
                 yield kept_updates[-1], float(index)
             else:
                 yield make_state(float(index)), float(index)
+
+    # As in `fedserve serve` and `fedserve worker`: without it, glibc's heap keeps freed
+    # update tensors resident and the growth depends on allocation history.
+    use_fixed_mmap_threshold()
 
     # Warm up with a tiny model, so that first-call allocations are not counted.
     aggregate("FedAvg", {"w": torch.zeros(4)}, iter([({"w": torch.ones(4)}, 1.0)]))

@@ -58,6 +58,15 @@ def test_token_header_authenticates():
     assert response.json()["id"] == str(user.pk)
 
 
+def test_bearer_header_authenticates():
+    user = make_user()
+
+    response = get_with(f"Bearer {Token.objects.get(user=user).key}")
+
+    assert response.status_code == 200
+    assert response.json()["id"] == str(user.pk)
+
+
 def test_missing_credentials_is_401_with_challenge():
     response = get_with(None)
 
@@ -71,6 +80,9 @@ def test_missing_credentials_is_401_with_challenge():
         "Token 0000000000000000000000000000000000000000",
         "Token",
         "Token a b",
+        "Bearer",
+        "Bearer a b",
+        "Bearer 0000000000000000000000000000000000000000",
         "Token bad\x00key",
         "Basic !!!not-base64",
         "Basic " + base64.b64encode(b"no-colon").decode(),
