@@ -102,7 +102,7 @@ def test_multipart_invalid_utf8_is_400(world, unchanged, body, message):
         ("Token ab\xff\xfe", "Token string should not contain invalid characters"),
         ("Basic " + base64.b64encode(b"us\xffer:pa\xfess").decode(), "Invalid username"),
         ("Basic !!!not-base64", "not correctly base64 encoded"),
-        ("Bearer \xff", "Authentication credentials were not provided"),
+        ("Bearer \xff", "Invalid Bearer header"),
     ],
     ids=["token", "basic", "basic not base64", "unknown scheme"],
 )
