@@ -8,6 +8,7 @@ them, and accepted files move into the model store, so a rejected request leaves
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import tempfile
 import uuid
@@ -477,6 +478,18 @@ def _duplicate_update(model: Model, round_number: int) -> Conflict:
     )
 
 
+@functools.lru_cache(maxsize=32)
+def _expected_state(model_id: str, weights_path: str, weights_format: str) -> dict[str, Any]:
+    """Return the keys, shapes and dtypes of a stored global model as meta tensors.
+
+    Loading a TorchScript archive reads every weight into memory, even for the meta device.
+    The weights path changes with every aggregation, so caching by path loads each global
+    model once per round and process instead of once per update.
+    """
+    with modelstore.open_file(weights_path) as handle:
+        return modelfiles.load_state_dict(handle, weights_format, map_location="meta")
+
+
 def _prepare_update(upload: File[Any], global_model: Model) -> File[Any]:
     """Check a local update against its global model; return the state dict file to store.
 
@@ -495,10 +508,9 @@ def _prepare_update(upload: File[Any], global_model: Model) -> File[Any]:
                     ]
                 }
             )
-        with modelstore.open_file(global_model.weights_path) as handle:
-            expected = modelfiles.load_state_dict(
-                handle, global_model.weights_format, map_location="meta"
-            )
+        expected = _expected_state(
+            str(global_model.pk), global_model.weights_path, global_model.weights_format
+        )
         received = modelfiles.load_state_dict(upload, fmt, map_location="meta")
         mismatch = modelfiles.describe_mismatch(expected, received)
         if mismatch is None:
