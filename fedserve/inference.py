@@ -259,9 +259,9 @@ def runtime() -> Runtime:
     passes use. FEDSERVE_INFERENCE_REPLICAS (default: the CPUs this process may run on,
     divided by the torch threads) is how many requests may run one model at the same
     time, each on its own copy of the module. The defaults spread a threaded server's
-    requests over the cores instead of splitting each request over them. An OpenMP team
-    whose threads outnumber the free cores slows down many times over, because its
-    threads spin at barriers while others wait for a core.
+    requests over the cores instead of splitting each request over them. On a shared
+    2-core machine, two threads per request made the forward passes 10 to 30 times slower
+    while other processes kept the cores busy (docs/benchmarks.md, "Inference").
     """
     global _runtime
     with _runtime_lock:
