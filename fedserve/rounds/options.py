@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 from collections.abc import Mapping
 from typing import Any
 
 
+# Error messages show values through reprlib.repr, which cuts long strings and deep
+# structures, so that a 1 MB option does not come back as a 1 MB message.
 class OptionsError(ValueError):
     """Raised for an unknown option or a value of the wrong type or range."""
 
@@ -45,14 +48,15 @@ class TrainingOptions:
             return cls()
         if not isinstance(raw, Mapping):
             raise OptionsError(
-                f"options must be a JSON object, not {type(raw).__name__} {raw!r}; use {{}} "
-                "for the defaults."
+                f"options must be a JSON object, not {type(raw).__name__} "
+                f"{reprlib.repr(raw)}; use {{}} for the defaults."
             )
         known = {field.name: field for field in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - set(known))
         if unknown:
             raise OptionsError(
-                f"Unknown option {unknown[0]!r}; known options are {', '.join(sorted(known))}."
+                f"Unknown option {reprlib.repr(unknown[0])}; "
+                f"known options are {', '.join(sorted(known))}."
             )
 
         values: dict[str, Any] = {}
@@ -79,7 +83,7 @@ def _parse_uncertainty(value: Any) -> UncertaintyOptions:
     if not isinstance(value, Mapping):
         raise OptionsError(
             f'options.uncertainty must be an object such as {{"N": 10, "softmax": true}}, '
-            f"not {value!r}."
+            f"not {reprlib.repr(value)}."
         )
     unknown = sorted(set(value) - {"N", "softmax"})
     if unknown:
@@ -97,7 +101,7 @@ def _parse_uncertainty(value: Any) -> UncertaintyOptions:
 def _int(name: str, value: Any, *, minimum: int, maximum: int | None = None) -> int:
     # bool is a subclass of int in Python, but true is not a count.
     if isinstance(value, bool) or not isinstance(value, int):
-        raise OptionsError(f"options.{name} must be an integer, not {value!r}.")
+        raise OptionsError(f"options.{name} must be an integer, not {reprlib.repr(value)}.")
     if value < minimum or (maximum is not None and value > maximum):
         limit = f"at least {minimum}" if maximum is None else f"from {minimum} to {maximum}"
         raise OptionsError(f"options.{name} must be {limit}, not {value}.")
@@ -106,17 +110,17 @@ def _int(name: str, value: Any, *, minimum: int, maximum: int | None = None) -> 
 
 def _number(name: str, value: Any, *, positive: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise OptionsError(f"options.{name} must be a number, not {value!r}.")
+        raise OptionsError(f"options.{name} must be a number, not {reprlib.repr(value)}.")
     if value != value or value in (float("inf"), float("-inf")):
-        raise OptionsError(f"options.{name} must be finite, not {value!r}.")
+        raise OptionsError(f"options.{name} must be finite, not {reprlib.repr(value)}.")
     if positive and value <= 0:
-        raise OptionsError(f"options.{name} must be greater than 0, not {value!r}.")
+        raise OptionsError(f"options.{name} must be greater than 0, not {reprlib.repr(value)}.")
     if not positive and value < 0:
-        raise OptionsError(f"options.{name} must not be negative, not {value!r}.")
+        raise OptionsError(f"options.{name} must not be negative, not {reprlib.repr(value)}.")
     return float(value)
 
 
 def _bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise OptionsError(f"options.{name} must be true or false, not {value!r}.")
+        raise OptionsError(f"options.{name} must be true or false, not {reprlib.repr(value)}.")
     return value

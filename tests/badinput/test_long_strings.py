@@ -167,3 +167,42 @@ def test_long_token_is_401(world, unchanged):
     assert response.status_code == 401
     assert response.json()["detail"] == "Invalid token."
     unchanged()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{MEBIBYTE: 1}, {"mu": MEBIBYTE}, {"daisy_chain_period": MEBIBYTE}, MEBIBYTE],
+    ids=["option name", "number option", "integer option", "not an object"],
+)
+def test_long_option_is_400_with_short_message(world, unchanged, options):
+    body = {
+        "model_id": str(world.model.pk),
+        "target_num_updates": 1,
+        "aggregation_method": "FedAvg",
+        "options": options,
+    }
+    unchanged()
+
+    response = client_for(world.actor).post("/api/trainings/", body, format="json")
+
+    assert response.status_code == 400
+    message = response.json()["options"][0]
+    assert "options" in message
+    assert "xxx" in message
+    assert len(message) < 500
+    unchanged()
+
+
+def test_long_inference_model_id_is_400_with_short_message(world, unchanged):
+    unchanged()
+
+    response = client_for(world.actor).post(
+        "/api/inference/", {"model_id": MEBIBYTE, "model_input": [[1, 2, 3, 4]]}, format="json"
+    )
+
+    assert response.status_code == 400
+    detail = response.json()["detail"]
+    assert "model_id 'xxx" in detail
+    assert "is not a valid UUID" in detail
+    assert len(detail) < 500
+    unchanged()

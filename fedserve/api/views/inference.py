@@ -24,6 +24,7 @@ from rest_framework.views import APIView
 from fedserve import inference
 from fedserve.api import permissions
 from fedserve.api.errors import Conflict, PayloadTooLarge, UnprocessableEntity
+from fedserve.api.serializers.fields import shortened
 from fedserve.api.uploads import StreamingMultiPartParser
 from fedserve.core.models import Model
 
@@ -258,7 +259,9 @@ def _model_id(value: Any) -> uuid.UUID:
     try:
         return uuid.UUID(str(value))
     except ValueError:
-        raise ParseError(f"model_id {value!r} is not a valid UUID; send a model's id.") from None
+        raise ParseError(
+            f"model_id {shortened(value)} is not a valid UUID; send a model's id."
+        ) from None
 
 
 def _return_format(value: Any) -> str:
