@@ -368,7 +368,7 @@ class RoundMonitor:
         elapsed = time.monotonic() - self._started
         say(
             f"  round {round_number:>3}: test accuracy {metrics['accuracy']:.4f}, "
-            f"loss {metrics['loss']:.4f} ({elapsed:.1f} s)"
+            f"loss {metrics['loss']:.4f} ({elapsed:.1f} s since the start)"
         )
 
     def rounds_with_participant_metrics(self) -> list[dict[str, Any]]:
