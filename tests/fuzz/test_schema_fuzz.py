@@ -180,12 +180,18 @@ CASES = [
 ]
 
 
+# Loaded schemas by URL. The live server lives for the whole session and serves the same
+# schema to every test, so it is fetched and parsed once.
+_loaded_schemas: dict[str, Any] = {}
+
+
 @pytest.fixture
 def live_schema(fuzz_world):
     """The schema as the live server serves it, loaded by schemathesis."""
-    return schemathesis.openapi.from_url(
-        f"{fuzz_world.base_url}/api/schema/?format=json", timeout=30
-    )
+    url = f"{fuzz_world.base_url}/api/schema/?format=json"
+    if url not in _loaded_schemas:
+        _loaded_schemas[url] = schemathesis.openapi.from_url(url, timeout=30)
+    return _loaded_schemas[url]
 
 
 def test_live_schema_has_every_operation(live_schema):
