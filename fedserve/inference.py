@@ -531,11 +531,18 @@ def check_input_shape(model: Model, model_input: torch.Tensor, *, preprocessed: 
         )
 
 
-def predict(model: Model, model_input: torch.Tensor) -> dict[str, torch.Tensor]:
+# Seeded requests take turns, because they reseed torch's process-wide generator.
+_seeded_sampling = threading.Lock()
+
+
+def predict(
+    model: Model, model_input: torch.Tensor, *, seed: int | None = None
+) -> dict[str, torch.Tensor]:
     """Run the model's preprocessing and uncertainty method on an input.
 
     Returns `inference` plus the uncertainty values of `fedserve.uncertainty.summary`
-    (none for a single forward pass).
+    (none for a single forward pass). With a `seed`, the dropout masks and SWAG weight
+    samples repeat from request to request.
     """
     runtime()
     plan = plan_for(model)
@@ -546,7 +553,14 @@ def predict(model: Model, model_input: torch.Tensor) -> dict[str, torch.Tensor]:
 
     started = time.perf_counter()
     try:
-        samples = _sample(model, plan, model_input)
+        if seed is None:
+            samples = _sample(model, plan, model_input)
+        else:
+            # NOTE: an unseeded request that samples at the same time draws from the same
+            # generator and can change a seeded request's samples.
+            with _seeded_sampling, torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                samples = _sample(model, plan, model_input)
     except UncertaintyError as error:
         raise PredictionFailed(
             f"Model {model.pk} failed on model_input of shape {list(model_input.shape)} "

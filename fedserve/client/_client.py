@@ -320,18 +320,29 @@ class Client:
         )
         return _parse_feed(response.json())
 
-    def infer(self, model_id: str, inputs: Any, *, return_format: str = "json") -> dict[str, Any]:
+    def infer(
+        self,
+        model_id: str,
+        inputs: Any,
+        *,
+        return_format: str = "json",
+        seed: int | None = None,
+    ) -> dict[str, Any]:
         """Run inference; `inputs` is a tensor or a nested list of numbers.
 
         Returns the JSON response: `inference` and, for uncertainty methods, `uncertainty`.
+        A `seed` makes the server's MC-dropout masks and SWAG samples repeatable.
         """
         if hasattr(inputs, "tolist"):
             inputs = inputs.tolist()
-        response = self._transport.request(
-            "POST",
-            "inference/",
-            json={"model_id": str(model_id), "model_input": inputs, "return_format": return_format},
-        )
+        body: dict[str, Any] = {
+            "model_id": str(model_id),
+            "model_input": inputs,
+            "return_format": return_format,
+        }
+        if seed is not None:
+            body["seed"] = seed
+        response = self._transport.request("POST", "inference/", json=body)
         answer: dict[str, Any] = response.json()
         return answer
 

@@ -420,7 +420,7 @@ def _measure_inference(
             )
         target = actor.create_mean_model(members, name="digits-mlp ensemble of the last rounds")
 
-    answer = actor.infer(target, data.test_x)
+    answer = actor.infer(target, data.test_x, seed=settings.seed)
     outputs = np.asarray(answer["inference"], dtype=np.float64).reshape(len(data.test_y), -1)
     predictions = outputs.argmax(axis=1)
     correct = predictions == data.test_y

@@ -46,13 +46,17 @@ def participant_ids(training: Training) -> QuerySet[Participation, Any]:
 
 
 def local_updates(training: Training, round_number: int) -> QuerySet[Model]:
-    """Return the current participants' local models for a round, in a stable order."""
+    """Return the current participants' local models for a round, in a stable order.
+
+    The order is by username, not by the random user id, so that a training repeated with
+    the same users sums its updates in the same order and gets bit-identical weights.
+    """
     return Model.objects.filter(
         kind=ModelKind.LOCAL,
         base_model_id=training.model_id,
         round=round_number,
         owner_id__in=participant_ids(training),
-    ).order_by("owner_id")
+    ).order_by("owner__username", "owner_id")
 
 
 def swag_statistics(training: Training, round_number: int) -> QuerySet[SwagStatistic]:
@@ -61,7 +65,7 @@ def swag_statistics(training: Training, round_number: int) -> QuerySet[SwagStati
         model_id=training.model_id,
         round=round_number,
         owner_id__in=participant_ids(training),
-    ).order_by("owner_id")
+    ).order_by("owner__username", "owner_id")
 
 
 def metric_reporters(training: Training, round_number: int) -> QuerySet[Metric, Any]:

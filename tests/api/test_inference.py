@@ -175,6 +175,20 @@ def test_inference_mc_dropout_values():
     )
 
 
+def test_inference_seed_repeats_mc_dropout_samples():
+    owner = make_user()
+    model = store_model(owner, DropoutClassifier(), input_shape=[None, 4])
+    make_training(owner, [], model=model, uncertainty_method="MC_DROPOUT")
+    body = {"model_id": str(model.pk), "model_input": [[1, 2, 3, 4]] * 3}
+
+    first = post_json(owner, {**body, "seed": 7}).json()
+    second = post_json(owner, {**body, "seed": 7}).json()
+    other = post_json(owner, {**body, "seed": 8}).json()
+
+    assert first == second
+    assert first["uncertainty"]["variance"] != other["uncertainty"]["variance"]
+
+
 def test_inference_none_with_softmax_returns_probabilities():
     owner = make_user()
     model = store_model(owner, linear([[0.0, 0.0], [0.0, math.log(3)]], [0.0, 0.0]))
@@ -653,6 +667,10 @@ MISSING = object()
         ({"model_input": [[1e40]]}, "NaN or infinity"),
         ({"model_input": "not base64!"}, "not valid base64"),
         ({"model_input": [[1.0]], "return_format": "xml"}, "'xml' is invalid"),
+        ({"model_input": [[1.0]], "seed": -1}, "seed -1 is invalid"),
+        ({"model_input": [[1.0]], "seed": "abc"}, "seed 'abc' is invalid"),
+        ({"model_input": [[1.0]], "seed": 1.5}, "seed 1.5 is invalid"),
+        ({"model_input": [[1.0]], "seed": True}, "seed True is invalid"),
     ],
     ids=[
         "no-model-id",
@@ -666,6 +684,10 @@ MISSING = object()
         "overflow",
         "bad-base64",
         "bad-format",
+        "negative-seed",
+        "text-seed",
+        "fractional-seed",
+        "boolean-seed",
     ],
 )
 def test_inference_invalid_request_400(body, message):

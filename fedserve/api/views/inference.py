@@ -29,6 +29,7 @@ from fedserve.api.uploads import StreamingMultiPartParser
 from fedserve.core.models import Model
 
 RETURN_FORMATS = ("json", "binary")
+MAX_SEED = 2**63 - 1
 
 
 class InferenceJsonRequestSerializer(serializers.Serializer[Any]):
@@ -44,6 +45,12 @@ class InferenceJsonRequestSerializer(serializers.Serializer[Any]):
         default="json",
         help_text="json: a JSON object; binary: a torch.save file of a dict of tensors.",
     )
+    seed = serializers.IntegerField(
+        required=False,
+        min_value=0,
+        max_value=MAX_SEED,
+        help_text="Seed for MC-dropout masks and SWAG weight samples, for repeatable answers.",
+    )
 
 
 class InferenceMultipartRequestSerializer(serializers.Serializer[Any]):
@@ -56,6 +63,7 @@ class InferenceMultipartRequestSerializer(serializers.Serializer[Any]):
         "one-tensor safetensors file, or base64 of any of these."
     )
     return_format = serializers.ChoiceField(choices=RETURN_FORMATS, default="json")
+    seed = serializers.IntegerField(required=False, min_value=0, max_value=MAX_SEED)
 
 
 class UncertaintySerializer(serializers.Serializer[Any]):
@@ -230,6 +238,7 @@ class Inference(APIView):
         data: Mapping[str, Any] = request.data
         model_id = _model_id(data.get("model_id"))
         return_format = _return_format(data.get("return_format"))
+        seed = _seed(data.get("seed"))
         # The training decides the uncertainty method, so it is fetched in the same query.
         # get(), because first() would add an ORDER BY that a primary-key lookup does not need.
         try:
@@ -240,7 +249,7 @@ class Inference(APIView):
 
         try:
             model_input = _model_input(request, data)
-            result = inference.predict(model, model_input)
+            result = inference.predict(model, model_input, seed=seed)
         except inference.InvalidInput as error:
             raise ParseError(str(error)) from None
         except inference.ModelNotReady as error:
@@ -262,6 +271,22 @@ def _model_id(value: Any) -> uuid.UUID:
         raise ParseError(
             f"model_id {shortened(value)} is not a valid UUID; send a model's id."
         ) from None
+
+
+def _seed(value: Any) -> int | None:
+    if value in (None, ""):
+        return None
+    if isinstance(value, bool):
+        raise ParseError(f"seed {value!r} is invalid; use an integer from 0 to {MAX_SEED}.")
+    try:
+        seed = int(value)
+    except (TypeError, ValueError):
+        raise ParseError(
+            f"seed {shortened(value)} is invalid; use an integer from 0 to {MAX_SEED}."
+        ) from None
+    if not 0 <= seed <= MAX_SEED or (isinstance(value, float) and value != seed):
+        raise ParseError(f"seed {value!r} is invalid; use an integer from 0 to {MAX_SEED}.")
+    return seed
 
 
 def _return_format(value: Any) -> str:
