@@ -77,14 +77,14 @@ def unchanged(model_store):
 
     Call it once before the request (it takes the snapshot) and once after (it compares).
     """
-    taken: list[Snapshot] = []
+    first_snapshot: list[Snapshot] = []
 
     def check() -> None:
         now = Snapshot(database_rows(), stored_files(model_store))
-        if not taken:
-            taken.append(now)
+        if not first_snapshot:
+            first_snapshot.append(now)
             return
-        before = taken[0]
+        before = first_snapshot[0]
         for label in before.rows:
             assert now.rows[label] == before.rows[label], f"rows of {label} changed"
         assert now.files == before.files

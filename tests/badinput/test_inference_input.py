@@ -79,7 +79,8 @@ def test_unknown_return_format_rejected(world):
         (tensor_file(torch.full((2, 4), float("inf"))), 400, "contains NaN or infinity"),
         (io.BytesIO(state_dict_bytes(tiny_state())), 400, "contains a dict, not a single tensor"),
         (io.BytesIO(b"1,2,3,4"), 400, "is not a PNG or JPEG image, a serialized tensor"),
-        # The model runs in float32; the forward pass fails on other dtypes, named in the answer.
+        # The model runs in float32; the forward pass fails on other dtypes, and the message
+        # names the dtype.
         (tensor_file(torch.zeros(2, 4, dtype=torch.int64)), 422, "(torch.int64)"),
         (tensor_file(torch.zeros(2, 4, dtype=torch.bool)), 422, "(torch.bool)"),
         (tensor_file(torch.zeros(2, 4, dtype=torch.complex64)), 422, "(torch.complex64)"),
