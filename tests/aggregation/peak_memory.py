@@ -1,20 +1,20 @@
 """Measure the peak RSS growth of aggregating lazily made updates, in a fresh process.
 
 Run by test_memory.py as `python peak_memory.py UPDATES [--keep-all]`. It prints one
-JSON object. `growth` is the process's peak resident set size (`ru_maxrss`) after
-aggregating, minus its current resident set size (psutil) just before, with the global
-state already built. `--keep-all` keeps every update alive, to show that
-the measurement records memory growth.
+JSON object. `growth` is the peak anonymous resident memory (RssAnon, sampled every
+millisecond on a thread) while aggregating, minus RssAnon just before, with the global
+state already built. Anonymous memory leaves out the pages of mapped files such as
+libtorch, which the kernel may drop and fault in again when the machine is busy.
+`--keep-all` keeps every update alive, to show that the measurement records growth.
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import resource
 import sys
+import threading
 
-import psutil
 import torch
 
 from fedserve.aggregation import aggregate
@@ -34,6 +34,15 @@ def make_state(value: float) -> dict[str, torch.Tensor]:
     state["norm.running_var"] = torch.full((WIDTH,), value)
     state["norm.num_batches_tracked"] = torch.tensor(int(value), dtype=torch.int64)
     return state
+
+
+def anonymous_rss() -> int:
+    """Return the process's resident anonymous memory in bytes, from /proc/self/status."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024  # the kernel reports kB
+    raise RuntimeError("/proc/self/status has no RssAnon line")
 
 
 def main() -> None:
@@ -61,11 +70,24 @@ def main() -> None:
     global_state = make_state(0.0)
     model_bytes = sum(t.numel() * t.element_size() for t in global_state.values())
     gc.collect()
-    before = psutil.Process().memory_info().rss
+    before = anonymous_rss()
+    peak = before
+    done = threading.Event()
 
-    result = aggregate("FedAvg", global_state, lazy_updates())
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, anonymous_rss())
+            done.wait(0.001)
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = aggregate("FedAvg", global_state, lazy_updates())
+    finally:
+        done.set()
+        sampler.join()
+    peak = max(peak, anonymous_rss())
     print(
         json.dumps(
             {

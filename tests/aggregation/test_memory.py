@@ -7,6 +7,7 @@ import pytest
 
 PROBE = Path(__file__).with_name("peak_memory.py")
 ROOT = Path(__file__).resolve().parents[2]
+LINUX_ONLY = "the probe reads RssAnon from /proc/self/status"
 
 
 def run_probe(*args: str) -> dict[str, float]:
@@ -22,7 +23,9 @@ def run_probe(*args: str) -> dict[str, float]:
     return json.loads(completed.stdout)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads RssAnon from /proc/self/status"
+)
 def test_peak_memory_under_three_models():
     figures = run_probe("20")
 
@@ -32,7 +35,9 @@ def test_peak_memory_under_three_models():
     assert figures["num_batches_tracked"] == 20
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads RssAnon from /proc/self/status"
+)
 def test_peak_memory_probe_sees_kept_updates():
     figures = run_probe("5", "--keep-all")
 
