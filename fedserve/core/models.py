@@ -134,14 +134,14 @@ class TrainingState(models.TextChoices):
 
 
 class RoundPhase(models.TextChoices):
-    """What an ongoing training waits for."""
+    """Stage of an ongoing training, named after the uploads it waits for."""
 
     NONE = "", "not started"
     UPDATE = "UPDATE", "local updates"
     MODEL_TEST = "MODEL_TEST", "test metrics"
     SWAG = "SWAG", "SWAG moments"
     DAISY_CHAIN = "DAISY_CHAIN", "daisy-chained updates"
-    # Set by fedserve.rounds while one worker holds the claim to aggregate the round.
+    # Set by fedserve.rounds while one worker has claimed the round to aggregate it.
     AGGREGATING = "AGGREGATING", "aggregation"
 
 
