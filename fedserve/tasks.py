@@ -22,6 +22,7 @@ from typing import Any
 from celery import Celery
 from django.conf import settings
 from django.db import close_old_connections, transaction
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,26 @@ def enqueue(name: str, *args: Any, countdown: float = 0.0) -> None:
 
 
 def enqueue_on_commit(name: str, *args: Any, countdown: float = 0.0) -> None:
-    """Schedule a task once the current transaction commits (at once outside a transaction)."""
-    transaction.on_commit(lambda: enqueue(name, *args, countdown=countdown))
+    """Schedule a task once the current transaction commits (at once outside a transaction).
+
+    The data is committed by then, so a broker that cannot be reached is logged, not raised
+    (raising would turn a stored upload into a 500 response). The tasks scheduled this way, round
+    checks and webhook deliveries, are scheduled again by their periodic sweeps.
+    """
+    transaction.on_commit(lambda: _enqueue_committed(name, args, countdown))
+
+
+def _enqueue_committed(name: str, args: tuple[Any, ...], countdown: float) -> None:
+    try:
+        enqueue(name, *args, countdown=countdown)
+    except KombuOperationalError as error:
+        logger.warning(
+            "task %s %s was not queued because the broker is unreachable (%s); "
+            "its periodic sweep will schedule it again",
+            name,
+            list(args),
+            error,
+        )
 
 
 def run_now(name: str, *args: Any) -> Any:

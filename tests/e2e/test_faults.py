@@ -8,8 +8,10 @@ finishes with one aggregation per round and every notification delivered once.
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import sqlite3
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,11 +21,14 @@ import requests
 import torch
 
 from tests.e2e.cluster import (
+    POSTGRES_URL,
     Account,
     Cluster,
     Feed,
     create_training,
     download_state,
+    free_port,
+    fresh_postgres_database,
     start_training,
     state_dict_bytes,
     training_model_id,
@@ -37,6 +42,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 # Bytes sent per write of the slow upload, and the pause between writes.
 SLOW_CHUNK_BYTES = 256 * 1024
 SLOW_CHUNK_PAUSE_SECONDS = 0.01
+# How long a worker that lost its broker is given to exit before it counts as reconnecting.
+WORKER_EXIT_SECONDS = 6
 
 
 class LargeNet(torch.nn.Module):
@@ -78,7 +85,7 @@ def model_rows(data_dir: Path) -> set[tuple[str, str, str]]:
 
 
 def multipart_update(round_number: int, sample_size: int, payload: bytes) -> tuple[bytes, bytes]:
-    """Return (content type, body) of an update form, as `requests` would encode it."""
+    """Return (content type, body) of a multipart/form-data update form."""
     boundary = b"fedserve-faults-boundary"
     head = (
         b"--" + boundary + b"\r\n"
@@ -132,7 +139,7 @@ class SlowUpload:
 
 
 def wait_for_spool(tmp_dir: Path, known: set[str], min_bytes: int) -> set[str]:
-    """Wait until a new spool file in `tmp_dir` holds at least `min_bytes`; return new names."""
+    """Wait until a new spool file in `tmp_dir` has at least `min_bytes`; return new names."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         new = files_under(tmp_dir) - known
@@ -223,3 +230,170 @@ def test_server_killed_during_update_upload(embedded: Cluster) -> None:
         assert feed.count("UPDATE_ROUND_START", round=0) == 1
         assert feed.count("MODEL_TEST_ROUND", round=1) == 1
         assert feed.count("TRAINING_FINISHED") == 1
+
+
+# Broker restarted during a training
+
+
+class RedisServer:
+    """A redis-server of this test alone on 127.0.0.1, without persistence.
+
+    It is killed with SIGKILL and started again empty, so every message that was queued
+    in it is lost, as on a broker crash without persistence.
+    """
+
+    def __init__(self, log: Path) -> None:
+        self.port = free_port()
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        with self.log.open("ab") as output:
+            self.process = subprocess.Popen(
+                [
+                    "redis-server",
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            time.sleep(0.05)
+        raise RuntimeError(
+            f"redis-server did not listen on port {self.port}:\n{self.log.read_text()}"
+        )
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+
+def restart_exited_workers(cluster: Cluster) -> int:
+    """Start every worker process that has exited again, as a process supervisor would.
+
+    Return how many were restarted. With Celery 5.7.0 and kombu 5.7.0, a worker that has received
+    but not acknowledged a task when its Redis connection drops stops with "Unrecoverable error:
+    AttributeError" while it closes the lost connection, instead of reconnecting.
+    """
+    restarted = 0
+    for worker in cluster.workers:
+        assert worker.process is not None
+        # A worker that stops takes a few seconds to shut its pool and beat down.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            worker.process.wait(WORKER_EXIT_SECONDS)
+        if worker.process.poll() is not None:
+            worker.start()
+            restarted += 1
+    return restarted
+
+
+@pytest.fixture
+def production(tmp_path: Path) -> Iterator[tuple[Cluster, RedisServer]]:
+    if not POSTGRES_URL:
+        pytest.skip("the broker restart test needs PostgreSQL: set FEDSERVE_TEST_POSTGRES")
+    broker = RedisServer(tmp_path / "redis.log")
+    broker.start()
+    try:
+        with fresh_postgres_database() as database_url:
+            cluster = Cluster(
+                tmp_path / "data",
+                workers=1,
+                database_url=database_url,
+                broker_url=broker.url,
+                queue_name="fedserve-faults",
+            )
+            cluster.migrate()
+            cluster.start()
+            try:
+                yield cluster, broker
+            finally:
+                cluster.stop()
+    finally:
+        broker.kill()
+
+
+@pytest.mark.postgres
+def test_broker_restart_during_training(production: tuple[Cluster, RedisServer]) -> None:
+    cluster, broker = production
+    url = cluster.urls[0]
+    actor = Account(url, "broker-actor", actor=True)
+    participants = [Account(url, f"broker-participant-{i}", client=True) for i in range(3)]
+    feeds = [Feed(participant) for participant in participants]
+    torch.manual_seed(2)
+    model_id = upload_model(url, actor, SmallNet())
+    training_id = create_training(url, actor, model_id, participants, target_num_updates=2)
+    model_id = training_model_id(url, actor, training_id)
+    start_training(url, actor, training_id)
+    for feed in feeds:
+        feed.wait_for(url, "UPDATE_ROUND_START", round=0)
+    base = download_state(url, participants[0], model_id)
+
+    def send_update(i: int, round_number: int, state: dict[str, torch.Tensor]) -> None:
+        update = {key: value + (i + 1) for key, value in state.items()}
+        response = upload_update(url, participants[i], model_id, round_number, update, 10)
+        assert response.status_code == 201, response.text
+
+    send_update(0, 0, base)
+    send_update(1, 0, base)
+
+    # The last update of round 0 arrives while the broker is down, so the round switch it
+    # schedules cannot be queued. The broker then starts again, empty.
+    broker.kill()
+    send_update(2, 0, base)
+    broker.start()
+    restart_exited_workers(cluster)
+
+    for feed in feeds:
+        feed.wait_for(url, "MODEL_TEST_ROUND", round=1, timeout=60)
+    after_round_0 = download_state(url, participants[0], model_id)
+    for key, value in after_round_0.items():
+        assert torch.allclose(value, base[key] + 2.0, atol=1e-5), key
+    for i, participant in enumerate(participants):
+        upload_metrics(url, participant, model_id, 0.5 + i / 10)
+
+    # Round 1 with a broker restart between two uploads.
+    for feed in feeds:
+        feed.wait_for(url, "UPDATE_ROUND_START", round=1)
+    send_update(0, 1, after_round_0)
+    broker.kill()
+    broker.start()
+    restart_exited_workers(cluster)
+    send_update(1, 1, after_round_0)
+    send_update(2, 1, after_round_0)
+    for feed in feeds:
+        feed.wait_for(url, "MODEL_TEST_ROUND", round=2, timeout=60)
+    for i, participant in enumerate(participants):
+        upload_metrics(url, participant, model_id, 0.6 + i / 10)
+
+    for feed in feeds:
+        feed.wait_for(url, "TRAINING_FINISHED", timeout=60)
+    training = requests.get(
+        f"{url}/api/trainings/{training_id}/", headers=actor.headers, timeout=30
+    ).json()
+    assert training["state"] == "C"
+    assert cluster.aggregations(training_id) == 2
+    for feed in feeds:
+        feed.pull(url, wait=0)
+        assert feed.count("TRAINING_START") == 1
+        assert feed.count("UPDATE_ROUND_START", round=0) == 1
+        assert feed.count("MODEL_TEST_ROUND", round=1) == 1
+        assert feed.count("UPDATE_ROUND_START", round=1) == 1
+        assert feed.count("MODEL_TEST_ROUND", round=2) == 1
+        assert feed.count("TRAINING_FINISHED") == 1
+        assert len(feed.seen) == 6
