@@ -110,6 +110,8 @@ def print_latencies(latencies: dict[str, list[float]]) -> None:
     print(f"{'request':<14}{'count':>8}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}")
     for kind in sorted(latencies):
         values = latencies[kind]
+        if not values:
+            continue
         print(
             f"{kind:<14}{len(values):>8}{percentile(values, 0.5) * 1000:>10.1f}"
             f"{percentile(values, 0.99) * 1000:>10.1f}{max(values) * 1000:>10.1f}"
@@ -211,12 +213,22 @@ def stop_server(server: subprocess.Popen[bytes]) -> None:
 
 
 def print_server_problems(log_path: Path) -> None:
-    """Print the server log lines at level WARNING or above, and tracebacks."""
+    """Print the server log lines at level WARNING or above, and whole tracebacks."""
     markers = (" WARNING ", " ERROR ", " CRITICAL ", "Traceback")
-    lines = log_path.read_text(errors="replace").splitlines()
-    problems = [line for line in lines if any(marker in line for marker in markers)]
+    problems: list[str] = []
+    in_traceback = False
+    for line in log_path.read_text(errors="replace").splitlines():
+        if line.startswith("Traceback"):
+            in_traceback = True
+        elif in_traceback and not line.startswith(" "):
+            # The first unindented line after a traceback is its exception message.
+            problems.append(line)
+            in_traceback = False
+            continue
+        if in_traceback or any(marker in line for marker in markers):
+            problems.append(line)
     print(f"server log lines at WARNING or above, and tracebacks: {len(problems)}")
-    for line in problems[:30]:
+    for line in problems[:80]:
         print(f"  {line[:300]}")
 
 
@@ -553,7 +565,9 @@ def run_participants(args: argparse.Namespace) -> None:
                 f"(expected C and {args.rounds})"
             )
             print(f"total time from start to the last TRAINING_FINISHED: {elapsed:.1f} s")
-            print(f"inference requests per second: {len(latencies['inference']) / elapsed:.1f}")
+            if args.inference_callers:
+                rate = len(latencies["inference"]) / elapsed
+                print(f"inference requests per second: {rate:.1f}")
             print_errors(errors)
             print_latencies(latencies)
         finally:
@@ -592,7 +606,12 @@ def run_memory(args: argparse.Namespace) -> None:
                 f"model parameters={parameters} ({parameters * 4 / 1e6:.0f} MB float32) "
                 "aggregation=FedAvg model tests=off notifications=long polling"
             )
-            print(f"server RSS before the training: {server_rss_bytes(server.pid) / 1e6:.0f} MB")
+            processes = psutil.Process(server.pid).children(recursive=True)
+            print(
+                f"server RSS before the training: {server_rss_bytes(server.pid) / 1e6:.0f} MB "
+                f"(the serve process and {len(processes)} child processes: "
+                f"{', '.join(sorted({child.name() for child in processes}))})"
+            )
 
             results = Results()
             deadline = time.monotonic() + args.timeout
