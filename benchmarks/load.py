@@ -1,9 +1,9 @@
 """Load scenarios against a real `fedserve serve`: many participants, and memory over rounds.
 
-Each scenario creates a fresh FEDSERVE_DATA_DIR in a temporary directory, creates the
-users and their tokens directly in the database, starts `fedserve serve` on 127.0.0.1 in
-a subprocess (embedded default: SQLite, local model folder, in-process worker), drives it
-over HTTP only, and stops it at the end.
+Each scenario creates a fresh FEDSERVE_DATA_DIR in a temporary directory and creates the
+users and their tokens directly in the database. It then starts `fedserve serve` on
+127.0.0.1 in a subprocess (embedded default: SQLite, local model folder, in-process
+worker), drives it over HTTP only, and stops it at the end.
 
 `participants`: N participants (threads in a few worker processes) follow one FedAvg
 training of a small TorchScript MLP with model tests off. Each pulls its notifications
@@ -49,6 +49,7 @@ import requests
 
 POLL_WAIT_SECONDS = 20.0
 REQUEST_TIMEOUT_SECONDS = 120.0
+CONNECTION_ATTEMPTS = 3
 
 
 # --- results ----------------------------------------------------------------------------
@@ -83,20 +84,35 @@ def timed_request(
     url: str,
     **kwargs: Any,
 ) -> requests.Response | None:
-    """Send one request; record its latency, or record it as an error and return None."""
+    """Send one request; record its latency, or record it as an error and return None.
+
+    A connection error (no HTTP response at all) is recorded as an error and the request
+    is sent again, up to CONNECTION_ATTEMPTS times in all, as the fedserve SDK does.
+    Without that, a participant that loses its update would stall the round forever.
+    """
     kwargs.setdefault("timeout", REQUEST_TIMEOUT_SECONDS)
-    started = time.monotonic()
-    try:
-        response = session.request(method, url, **kwargs)
-    except requests.RequestException as error:
-        results.fail(f"{kind} {method} {url}: {type(error).__name__}: {error}")
-        return None
-    elapsed = time.monotonic() - started
-    if not 200 <= response.status_code < 300:
-        results.fail(f"{kind} {method} {url}: HTTP {response.status_code} {response.text[:300]}")
-        return None
-    results.add(kind, elapsed)
-    return response
+    for attempt in range(1, CONNECTION_ATTEMPTS + 1):
+        started = time.monotonic()
+        try:
+            response = session.request(method, url, **kwargs)
+        except requests.ConnectionError as error:
+            message = f"{kind} {method} {url} (attempt {attempt}): {type(error).__name__}: {error}"
+            print(message, file=sys.stderr, flush=True)
+            results.fail(message)
+            time.sleep(1)
+            continue
+        except requests.RequestException as error:
+            results.fail(f"{kind} {method} {url}: {type(error).__name__}: {error}")
+            return None
+        elapsed = time.monotonic() - started
+        if not 200 <= response.status_code < 300:
+            message = f"{kind} {method} {url}: HTTP {response.status_code} {response.text[:300]}"
+            print(message, file=sys.stderr, flush=True)
+            results.fail(message)
+            return None
+        results.add(kind, elapsed)
+        return response
+    return None
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -157,7 +173,7 @@ def create_users(env: dict[str, str], participants: int) -> tuple[str, list[tupl
 
     Returns the actor's token and (user id, token) per participant. The users get no
     usable password, which skips the password hashing that HTTP registration would
-    spend per user; every later step goes over HTTP.
+    spend per user. Every later step goes over HTTP.
     """
     os.environ.update({key: env[key] for key in ("FEDSERVE_DATA_DIR", "DJANGO_SETTINGS_MODULE")})
     os.environ.pop("DATABASE_URL", None)
@@ -637,6 +653,8 @@ def run_memory(args: argparse.Namespace) -> None:
             round_starts = 0
             finished = False
             while not finished and time.monotonic() < deadline:
+                if not any(thread.is_alive() for thread in threads):
+                    break
                 peak = max(peak, server_rss_bytes(server.pid))
                 try:
                     kind = notices.get(timeout=0.5)
