@@ -37,6 +37,13 @@ def serve(host: str, port: int, workers: int, threads: int) -> None:
     _migrate_if_embedded()
 
     from django.conf import settings
+
+    from fedserve.api.uploads import remove_stale_spool_files
+
+    remove_stale_spool_files(
+        settings.FILE_UPLOAD_TEMP_DIR,
+        config.env_int("FEDSERVE_SPOOL_MAX_AGE_SECONDS", 6 * 3600, minimum=0),
+    )
     from gunicorn.app.base import BaseApplication
 
     from fedserve.wsgi import application

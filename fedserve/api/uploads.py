@@ -17,6 +17,7 @@ import queue
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from typing import IO, Any, cast
@@ -503,3 +504,28 @@ class LimitedJSONParser(JSONParser):
                 f"({limit / 1_000_000:.1f} MB); upload files as multipart/form-data."
             )
         return super().parse(stream, media_type, parser_context)
+
+
+def remove_stale_spool_files(directory: str, max_age_seconds: float) -> int:
+    """Delete files in the upload spool folder unchanged for `max_age_seconds`; return the count.
+
+    A server killed during an upload leaves its half-written spool file behind. An upload in
+    progress writes to its file continuously, so age by modification time tells a leftover
+    from a file that another server sharing the folder is still receiving.
+    """
+    removed = 0
+    cutoff = time.time() - max_age_seconds
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed += 1
+        except FileNotFoundError:
+            continue
+    if removed:
+        logger.info("removed %d stale upload spool files from %s", removed, directory)
+    return removed
