@@ -24,8 +24,8 @@ def model_store(settings, tmp_path: Path) -> Path:
 def _no_leftover_task_runner():
     """Stop the in-process task runner after each test.
 
-    A test that enqueues work outside eager mode starts the process-wide runner; without this,
-    its periodic sweep would keep running on its own thread during later tests.
+    A test that enqueues work outside eager mode starts the process-wide runner. Without this
+    fixture, its periodic sweep would keep running on its own thread during later tests.
     """
     yield
     from fedserve.tasks import stop_in_process_runner

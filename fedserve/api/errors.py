@@ -53,7 +53,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
 
 
 def page_not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
-    """Answer 404 for a URL that matches no route: JSON below /api/, Django's page elsewhere.
+    """Return 404 for a URL that matches no route: JSON below /api/, Django's page elsewhere.
 
     A malformed id in a path, such as /api/models/not-a-uuid/, matches no route either.
     """

@@ -510,8 +510,8 @@ def remove_stale_spool_files(directory: str, max_age_seconds: float) -> int:
     """Delete files in the upload spool folder unchanged for `max_age_seconds`; return the count.
 
     A server killed during an upload leaves its half-written spool file behind. An upload in
-    progress writes to its file continuously, so age by modification time tells a leftover
-    from a file that another server sharing the folder is still receiving.
+    progress writes to its file continuously, so the modification time distinguishes a
+    leftover from a file that another server sharing the folder is still receiving.
     """
     removed = 0
     cutoff = time.time() - max_age_seconds
