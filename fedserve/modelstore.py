@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, Any
 
 from django.core.files import File
 from django.core.files.storage import FileSystemStorage, Storage, storages
@@ -58,6 +58,22 @@ def save(path: str, content: IO[bytes]) -> str:
     return stored
 
 
+class SpooledFile(File):  # type: ignore[type-arg]
+    """A named temporary file to store, which `save` moves into a local store instead of copying."""
+
+    def __init__(self, spool: Any) -> None:
+        super().__init__(spool, name=spool.name)
+        self._spool = spool
+
+    def temporary_file_path(self) -> str:
+        return str(self._spool.name)
+
+    def close(self) -> None:
+        # FileNotFoundError: a local store moved the file into place.
+        with contextlib.suppress(FileNotFoundError):
+            self._spool.close()
+
+
 def open_file(path: str) -> IO[bytes]:
     """Open a stored file for reading in binary mode."""
     return storage().open(path, "rb")
@@ -66,6 +82,14 @@ def open_file(path: str) -> IO[bytes]:
 def is_local() -> bool:
     """Tell whether the model store is a local folder (whose files have real paths)."""
     return isinstance(storage(), FileSystemStorage)
+
+
+def local_path(path: str) -> str | None:
+    """Return the filesystem path of a stored file in a local store, or None for other stores."""
+    store = storage()
+    if isinstance(store, FileSystemStorage):
+        return str(store.path(path))
+    return None
 
 
 def iter_chunks(path: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:

@@ -7,7 +7,6 @@ them, and accepted files move into the model store, so a rejected request leaves
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import tempfile
@@ -533,23 +532,7 @@ def _prepare_update(upload: File[Any], global_model: Model) -> File[Any]:
     spool = tempfile.NamedTemporaryFile(dir=settings.FILE_UPLOAD_TEMP_DIR, suffix=".pt")  # noqa: SIM115
     modelfiles.save_state_dict(state_dict, spool)
     spool.seek(0)
-    return _SpooledUpdate(spool)
-
-
-class _SpooledUpdate(File):  # type: ignore[type-arg]
-    """A converted update in a named temporary file, which a local store moves into place."""
-
-    def __init__(self, spool: Any) -> None:
-        super().__init__(spool, name=spool.name)
-        self._spool = spool
-
-    def temporary_file_path(self) -> str:
-        return str(self._spool.name)
-
-    def close(self) -> None:
-        # FileNotFoundError: a local store moved the file into place.
-        with contextlib.suppress(FileNotFoundError):
-            self._spool.close()
+    return modelstore.SpooledFile(spool)
 
 
 # Metadata, metrics, preprocessing
