@@ -6,10 +6,12 @@ streamed from disk by the same client code:
 - starts a one-participant training of it and uploads a torch.save state dict of the same
   size as the participant's local update (`POST /api/models/<id>/`), which the server also
   checks for shapes and finite values.
-The same bytes then go through a minimal socket server that discards a request body or
-sends a file with sendfile. These raw figures show what the loopback and the HTTP client
-reach on this machine in the same run. The server process's peak RSS growth (with its
-children) is sampled during each transfer.
+The same bytes then go through a minimal socket server that discards a request body,
+writes it to a file, or sends a file with sendfile. These raw figures show what the
+loopback and the HTTP client reach on this machine in the same run. The server process's
+peak RSS growth (with its children) is sampled during each transfer. Everything runs
+`--repeats` times, raw and fedserve in turn, and the figures are the median and best of
+the runs; the model is deleted after each run.
 
 Run from the repository root (as a module, so that `requests` is the installed package):
 
@@ -22,6 +24,7 @@ import argparse
 import hashlib
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -393,27 +396,38 @@ def raw_download(path: Path) -> float:
 # The benchmark
 
 
-def measure(size_mb: int, work_dir: Path) -> dict[str, Any]:
-    """Run the whole benchmark in `work_dir`; return the figures."""
+def wait_until_finished(base: str, actor: dict[str, str], training_id: str) -> None:
+    """Wait until a training has aggregated its update and completed, so that its
+    aggregation does not run during the next measurement."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        training = requests.get(f"{base}/api/trainings/{training_id}/", headers=actor, timeout=30)
+        training.raise_for_status()
+        if training.json().get("state") in ("C", "E"):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"training {training_id} did not complete within 300 s")
+
+
+def measure(size_mb: int, work_dir: Path, repeats: int) -> dict[str, Any]:
+    """Run the whole benchmark in `work_dir` `repeats` times; return the figures of each run.
+
+    Each repetition measures the raw references and fedserve one after the other, so that
+    a change in the load from other processes affects both alike.
+    """
     model_path = work_dir / "model.pt"
     write_model_file(model_path, size_mb * MB)
     size = model_path.stat().st_size
     expected_digest = sha256_of(model_path)
     warmup_path = work_dir / "warmup.pt"
     write_model_file(warmup_path, 4 * MB)
-
-    spool_dir = work_dir / "raw-spool"
-    spool_dir.mkdir()
-    raw_figures = {
-        "raw_upload_mb_s": raw_upload(model_path),
-        "raw_upload_to_file_mb_s": raw_upload(model_path, spool_dir),
-        "raw_download_mb_s": raw_download(model_path),
-    }
-
     update_path = work_dir / "update.pt"
     write_update_file(update_path, size_mb * MB)
     update_size = update_path.stat().st_size
+    spool_dir = work_dir / "raw-spool"
+    spool_dir.mkdir()
 
+    runs: list[dict[str, float]] = []
     with running_fedserve(work_dir / "data") as (base, pid):
         headers = register(base, actor=True)
         # A small upload and download first, so imports and caches are warm before sampling.
@@ -421,54 +435,72 @@ def measure(size_mb: int, work_dir: Path) -> dict[str, Any]:
         warmup.raise_for_status()
         download(f"{base}/api/models/{warmup.json()['model_id']}/", headers)
 
-        with RssSampler(pid) as upload_memory:
-            start = time.perf_counter()
-            response = upload_model(base, headers, model_path)
-            upload_seconds = time.perf_counter() - start
-        response.raise_for_status()
-        model_id = response.json()["model_id"]
+        for _ in range(repeats):
+            figures = {
+                "raw_upload_mb_s": raw_upload(model_path),
+                "raw_upload_to_file_mb_s": raw_upload(model_path, spool_dir),
+                "raw_download_mb_s": raw_download(model_path),
+            }
+            with RssSampler(pid) as upload_memory:
+                start = time.perf_counter()
+                response = upload_model(base, headers, model_path)
+                upload_seconds = time.perf_counter() - start
+            response.raise_for_status()
+            model_id = response.json()["model_id"]
 
-        with RssSampler(pid) as download_memory:
-            start = time.perf_counter()
-            downloaded, digest = download(f"{base}/api/models/{model_id}/", headers)
-            download_seconds = time.perf_counter() - start
+            with RssSampler(pid) as download_memory:
+                start = time.perf_counter()
+                downloaded, digest = download(f"{base}/api/models/{model_id}/", headers)
+                download_seconds = time.perf_counter() - start
+            if downloaded != size or digest != expected_digest:
+                raise RuntimeError("the downloaded model differs from the uploaded file")
 
-        participant = register(base, client=True)
-        start_update_round(base, headers, user_id(base, participant), model_id)
-        with RssSampler(pid) as update_memory:
-            start = time.perf_counter()
-            response = upload_update(base, participant, model_id, update_path)
-            update_seconds = time.perf_counter() - start
-        response.raise_for_status()
+            participant = register(base, client=True)
+            training_id = start_update_round(base, headers, user_id(base, participant), model_id)
+            with RssSampler(pid) as update_memory:
+                start = time.perf_counter()
+                response = upload_update(base, participant, model_id, update_path)
+                update_seconds = time.perf_counter() - start
+            response.raise_for_status()
+            wait_until_finished(base, headers, training_id)
+            # Deleting the model removes its files, so the disk does not fill up over runs.
+            requests.delete(
+                f"{base}/api/models/{model_id}/", headers=headers, timeout=120
+            ).raise_for_status()
 
-    if downloaded != size or digest != expected_digest:
-        raise RuntimeError("the downloaded model differs from the uploaded file")
-    return {
-        "size_bytes": size,
-        "upload_mb_s": size / MB / upload_seconds,
-        "download_mb_s": size / MB / download_seconds,
-        "update_mb_s": update_size / MB / update_seconds,
-        **raw_figures,
-        "upload_rss_growth_mb": upload_memory.growth / MB,
-        "download_rss_growth_mb": download_memory.growth / MB,
-        "update_rss_growth_mb": update_memory.growth / MB,
-    }
+            runs.append(
+                {
+                    **figures,
+                    "upload_mb_s": size / MB / upload_seconds,
+                    "download_mb_s": size / MB / download_seconds,
+                    "update_mb_s": update_size / MB / update_seconds,
+                    "upload_rss_growth_mb": upload_memory.growth / MB,
+                    "download_rss_growth_mb": download_memory.growth / MB,
+                    "update_rss_growth_mb": update_memory.growth / MB,
+                }
+            )
+    return {"size_bytes": size, "runs": runs}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=512, help="model file size in MB")
     parser.add_argument(
+        "--repeats", type=int, default=3, help="measurements of each transfer (default 3)"
+    )
+    parser.add_argument(
         "--work-dir", type=Path, default=None, help="folder for files (default: a temp folder)"
     )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(dir=args.work_dir) as folder:
-        figures = measure(args.size_mb, Path(folder))
+        figures = measure(args.size_mb, Path(folder), args.repeats)
+    runs = figures["runs"]
 
     print(f"model file: {figures['size_bytes'] / MB:.0f} MB (TorchScript, one parameter)")
     print(
-        f"CPU: {os.cpu_count()} cores, Python {sys.version.split()[0]}, torch {torch.__version__}"
+        f"CPU: {os.cpu_count()} cores, Python {sys.version.split()[0]}, torch {torch.__version__}, "
+        f"{len(runs)} runs; MB/s as median (best), RSS growth as the largest of the runs"
     )
     rows = (
         ("global model upload (POST /api/models/, TorchScript)", "upload", "upload"),
@@ -476,16 +508,29 @@ def main() -> None:
         ("global model download (GET /api/models/<id>/)", "download", "download"),
     )
     for label, key, direction in rows:
-        speed = figures[f"{key}_mb_s"]
-        raw = figures[f"raw_{direction}_mb_s"]
+        speeds = [run[f"{key}_mb_s"] for run in runs]
+        raws = [run[f"raw_{direction}_mb_s"] for run in runs]
+        shares = [run[f"{key}_mb_s"] / run[f"raw_{direction}_mb_s"] for run in runs]
+        growth = max(run[f"{key}_rss_growth_mb"] for run in runs)
         print(
-            f"{label}:\n  fedserve {speed:6.0f} MB/s, raw loopback {raw:6.0f} MB/s "
-            f"({speed / raw:.0%} of raw), server peak RSS growth "
-            f"{figures[f'{key}_rss_growth_mb']:.0f} MB"
+            f"{label}:\n  fedserve {statistics.median(speeds):6.0f} ({max(speeds):.0f}) MB/s, "
+            f"raw loopback {statistics.median(raws):6.0f} ({max(raws):.0f}) MB/s, "
+            f"share of raw in the same run {statistics.median(shares):.0%} "
+            f"({max(shares):.0%}), server peak RSS growth {growth:.0f} MB"
         )
+    to_file = [run["raw_upload_to_file_mb_s"] for run in runs]
     print(
         "raw loopback upload writing the body to a file in the same filesystem: "
-        f"{figures['raw_upload_to_file_mb_s']:.0f} MB/s"
+        f"{statistics.median(to_file):.0f} ({max(to_file):.0f}) MB/s"
+    )
+    print(
+        "per run (MB/s): "
+        + "; ".join(
+            f"upload {run['upload_mb_s']:.0f}/{run['raw_upload_mb_s']:.0f}, "
+            f"update {run['update_mb_s']:.0f}, download {run['download_mb_s']:.0f}/"
+            f"{run['raw_download_mb_s']:.0f}, raw to file {run['raw_upload_to_file_mb_s']:.0f}"
+            for run in runs
+        )
     )
 
 
