@@ -8,14 +8,19 @@ finishes with one aggregation per round and every notification delivered once.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import signal
 import socket
 import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -25,6 +30,7 @@ from tests.e2e.cluster import (
     POSTGRES_URL,
     Account,
     Cluster,
+    FedserveProcess,
     Feed,
     create_training,
     download_state,
@@ -43,8 +49,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 # Bytes sent per write of the slow upload, and the pause between writes.
 SLOW_CHUNK_BYTES = 256 * 1024
 SLOW_CHUNK_PAUSE_SECONDS = 0.01
-# How long a worker that lost its broker is given to exit before it counts as reconnecting.
-WORKER_EXIT_SECONDS = 6
+# A worker logs this line each time it connects to the broker.
+BROKER_CONNECTED = re.compile(r"Connected to redis://")
 
 
 class LargeNet(torch.nn.Module):
@@ -286,24 +292,103 @@ class RedisServer:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait()
 
+    def kill_pubsub_first(self) -> None:
+        """Kill the server so that every client loses its pub/sub connection first.
 
-def restart_exited_workers(cluster: Cluster) -> int:
-    """Start every worker process that has exited again, as a process supervisor would.
+        The server rejects new clients, closes its pub/sub connections and is frozen with
+        SIGSTOP before SIGKILL closes the other connections, so no client gets a reply or
+        reconnects in between. A Celery 5.7.0 worker that held an unacknowledged task exited
+        on this order every time; after a plain SIGKILL it exited in some runs only.
+        """
+        import redis
 
-    Return how many were restarted. With Celery 5.7.0 and kombu 5.7.0, a worker that has received
-    but not acknowledged a task when its Redis connection drops stops with "Unrecoverable error:
-    AttributeError" while it closes the lost connection, instead of reconnecting.
+        assert self.process is not None
+        client = redis.Redis(host="127.0.0.1", port=self.port)
+        try:
+            client.config_set("maxclients", 1)
+            client.client_kill_filter(_type="pubsub")
+            self.process.send_signal(signal.SIGSTOP)
+        finally:
+            client.close()
+        self.kill()
+
+
+def wait_for_broker_connections(worker: FedserveProcess, count: int, timeout: float = 60) -> None:
+    """Wait until `worker` has logged `count` broker connections, and fail if it exits first.
+
+    Celery 5.7.0 workers exited with "Unrecoverable error: AttributeError" instead of
+    reconnecting when the broker connection dropped during an unacknowledged task.
     """
-    restarted = 0
-    for worker in cluster.workers:
-        assert worker.process is not None
-        # A worker that stops takes a few seconds to shut its pool and beat down.
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            worker.process.wait(WORKER_EXIT_SECONDS)
-        if worker.process.poll() is not None:
-            worker.start()
-            restarted += 1
-    return restarted
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        worker.check_alive()
+        if len(BROKER_CONNECTED.findall(worker.log.read_text(errors="replace"))) >= count:
+            return
+        time.sleep(0.2)
+    raise AssertionError(
+        f"{worker.name} did not connect to the broker {count} times within {timeout} s:\n"
+        f"{worker.log.read_text(errors='replace')[-3000:]}"
+    )
+
+
+class HoldingReceiver:
+    """A webhook endpoint on 127.0.0.1 that delays its first response until `release`.
+
+    Until then, the worker that posted the request runs its delivery task unacknowledged.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+        self.first_arrived = threading.Event()
+        self.released = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                message = json.loads(self.rfile.read(length))
+                if not receiver.first_arrived.is_set():
+                    receiver.first_arrived.set()
+                    receiver.released.wait(120)
+                receiver.received.append(message)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def release(self) -> None:
+        self.released.set()
+
+    def wait_for(self, notification_type: str, timeout: float = 60, **body: Any) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.count(notification_type, **body):
+                return
+            time.sleep(0.1)
+        raise AssertionError(
+            f"no {notification_type} {body} posted within {timeout} s; received "
+            f"{[(m['notification_type'], m['body']) for m in self.received]}"
+        )
+
+    def count(self, notification_type: str, **body: Any) -> int:
+        return sum(
+            1
+            for message in self.received
+            if message["notification_type"] == notification_type
+            and all(message["body"].get(key) == value for key, value in body.items())
+        )
+
+    def close(self) -> None:
+        self.release()
+        self.server.shutdown()
+        self.server.server_close()
 
 
 @pytest.fixture
@@ -360,7 +445,7 @@ def test_broker_restart_during_training(production: tuple[Cluster, RedisServer])
     broker.kill()
     send_update(2, 0, base)
     broker.start()
-    restart_exited_workers(cluster)
+    wait_for_broker_connections(cluster.workers[0], 2)
 
     for feed in feeds:
         feed.wait_for(url, "MODEL_TEST_ROUND", round=1, timeout=60)
@@ -376,7 +461,7 @@ def test_broker_restart_during_training(production: tuple[Cluster, RedisServer])
     send_update(0, 1, after_round_0)
     broker.kill()
     broker.start()
-    restart_exited_workers(cluster)
+    wait_for_broker_connections(cluster.workers[0], 3)
     send_update(1, 1, after_round_0)
     send_update(2, 1, after_round_0)
     for feed in feeds:
@@ -400,3 +485,50 @@ def test_broker_restart_during_training(production: tuple[Cluster, RedisServer])
         assert feed.count("MODEL_TEST_ROUND", round=2) == 1
         assert feed.count("TRAINING_FINISHED") == 1
         assert len(feed.seen) == 6
+
+
+@pytest.mark.postgres
+def test_worker_survives_broker_restart_holding_task(
+    production: tuple[Cluster, RedisServer],
+) -> None:
+    cluster, broker = production
+    url = cluster.urls[0]
+    worker = cluster.workers[0]
+    assert worker.process is not None
+    worker_pid = worker.process.pid
+    receiver = HoldingReceiver()
+    try:
+        actor = Account(url, "holding-actor", actor=True)
+        participant = Account(
+            url, "holding-participant", client=True, message_endpoint=receiver.url
+        )
+        torch.manual_seed(3)
+        model_id = upload_model(url, actor, SmallNet())
+        training_id = create_training(url, actor, model_id, [participant])
+        model_id = training_model_id(url, actor, training_id)
+        start_training(url, actor, training_id)
+
+        # The worker posts TRAINING_START and waits for the response, so its delivery task
+        # runs unacknowledged while the broker dies and starts again empty.
+        assert receiver.first_arrived.wait(60), "the worker posted no notification"
+        broker.kill_pubsub_first()
+        broker.start()
+        wait_for_broker_connections(worker, 2)
+        receiver.release()
+        receiver.wait_for("UPDATE_ROUND_START", round=0)
+
+        # The round switch after the update is a task queued on the new broker.
+        base = download_state(url, participant, model_id)
+        update = {key: value + 1.0 for key, value in base.items()}
+        response = upload_update(url, participant, model_id, 0, update, 10)
+        assert response.status_code == 201, response.text
+        receiver.wait_for("MODEL_TEST_ROUND", round=1)
+
+        worker.check_alive()
+        assert worker.process.pid == worker_pid
+        assert cluster.aggregations(training_id) == 1
+        assert receiver.count("TRAINING_START") == 1
+        assert receiver.count("UPDATE_ROUND_START", round=0) == 1
+        assert receiver.count("MODEL_TEST_ROUND", round=1) == 1
+    finally:
+        receiver.close()
