@@ -219,7 +219,9 @@ class Client:
         data.update(_metric_fields(metrics or {}))
         payload = _serialization.update_bytes(update, file_format)
         files = {"model_file": ("update.pt", payload, "application/octet-stream")}
-        self._transport.request("POST", f"models/{model_id}/", data=data, files=files)
+        self._transport.request(
+            "POST", f"models/{model_id}/", data=data, files=files, conflict_after_retry_ok=True
+        )
         logger.info("uploaded update of model %s for round %s", model_id, round)
 
     def upload_metrics(self, model_id: str, metrics: Mapping[str, float | str]) -> None:
@@ -249,7 +251,9 @@ class Client:
             ),
         }
         data = {"round": str(round), "sample_size": str(sample_size)}
-        self._transport.request("POST", f"models/{model_id}/swag/", data=data, files=files)
+        self._transport.request(
+            "POST", f"models/{model_id}/swag/", data=data, files=files, conflict_after_retry_ok=True
+        )
 
     # Trainings
 

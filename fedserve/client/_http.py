@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import requests
+from urllib3.exceptions import NewConnectionError
 
 from fedserve.client._errors import (
     FedserveError,
@@ -30,8 +31,9 @@ class Transport:
     """Send requests below `<base_url>/api/`, retrying network failures and 5xx responses.
 
     A retried POST may reach the server twice when the first response was lost on the way
-    back. The server rejects a second local update for the same round with 409, so callers
-    that upload updates treat 409 as success.
+    back, for example when the server closed a kept-alive connection as the request
+    arrived. The server rejects a second local update for the same round with 409, so
+    uploads pass `conflict_after_retry_ok` to take that 409 as success.
     """
 
     def __init__(
@@ -93,8 +95,14 @@ class Transport:
         params: Mapping[str, Any] | None = None,
         timeout: float | None = None,
         authenticate: bool = True,
+        conflict_after_retry_ok: bool = False,
     ) -> requests.Response:
-        """Send one request and return the 2xx response, or raise a FedserveError."""
+        """Send one request and return the 2xx response, or raise a FedserveError.
+
+        With `conflict_after_retry_ok`, a 409 is returned instead of raised when an earlier
+        attempt may have been stored, because it got a 5xx or no response after the
+        connection was made. A 409 on the first attempt still raises ConflictError.
+        """
         url = self.url(path)
         headers = {"Accept": "application/json, application/octet-stream"}
         if authenticate and self._authorization:
@@ -102,6 +110,7 @@ class Transport:
         timeout = self.timeout if timeout is None else timeout
 
         attempt = 0
+        earlier_attempt_may_be_stored = False
         while True:
             attempt += 1
             started = time.monotonic()
@@ -124,6 +133,7 @@ class Transport:
                         method=method,
                         url=url,
                     ) from exc
+                earlier_attempt_may_be_stored |= _may_have_reached_server(exc)
                 delay = self._delay(attempt)
                 logger.warning(
                     "%s %s failed (%s); retry %d of %d in %.1f s",
@@ -141,7 +151,21 @@ class Transport:
             logger.debug("%s %s -> %s in %.3f s", method, url, response.status_code, elapsed)
             if response.status_code < 400:
                 return response
+            if (
+                response.status_code == 409
+                and conflict_after_retry_ok
+                and earlier_attempt_may_be_stored
+            ):
+                logger.info(
+                    "%s %s returned 409 on attempt %d, so an earlier attempt was stored: %s",
+                    method,
+                    url,
+                    attempt,
+                    message_from_body(_json_or_text(response), "conflict"),
+                )
+                return response
             if response.status_code >= 500 and attempt <= self.retries:
+                earlier_attempt_may_be_stored = True
                 delay = self._delay(attempt)
                 logger.warning(
                     "%s %s returned %s; retry %d of %d in %.1f s",
@@ -163,10 +187,7 @@ class Transport:
 
     @staticmethod
     def _error(method: str, url: str, response: requests.Response) -> FedserveError:
-        try:
-            body: Any = response.json()
-        except ValueError:
-            body = response.text
+        body = _json_or_text(response)
         fallback = response.reason or f"HTTP {response.status_code}"
         error_class = error_for_status(response.status_code)
         return error_class(
@@ -179,3 +200,22 @@ class Transport:
 
     def close(self) -> None:
         self.session.close()
+
+
+def _json_or_text(response: requests.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
+
+
+def _may_have_reached_server(error: requests.RequestException) -> bool:
+    """Tell whether a request that failed without a response may have reached the server.
+
+    Only a failure to open the connection (refused, unreachable, connect timeout) proves
+    that nothing was sent. A reset or closed connection, or a read timeout, does not.
+    """
+    if isinstance(error, requests.ConnectTimeout):
+        return False
+    reason = getattr(error.args[0], "reason", None) if error.args else None
+    return not isinstance(reason, NewConnectionError)

@@ -2,6 +2,7 @@ import base64
 import time
 
 import pytest
+import requests
 
 from fedserve.client import (
     AuthenticationError,
@@ -15,8 +16,15 @@ from fedserve.client import (
     TransportError,
 )
 from fedserve.client._http import Transport
-from tests.client.fakes import ScriptedServer
+from tests.client.fakes import (
+    CLOSE_AFTER_BODY,
+    CLOSE_ON_ARRIVAL,
+    RESPOND,
+    ConnectionScript,
+    ScriptedServer,
+)
 from tests.client.server import free_port
+from tests.factories import TinyNet
 
 
 def test_retry_on_5xx_then_success():
@@ -128,3 +136,113 @@ def test_html_error_page_becomes_reason():
         with pytest.raises(NotFoundError) as caught:
             client.myself()
     assert caught.value.message == "Not Found"
+
+
+# Uploads that lost their connection or their response
+
+
+UPDATE_PATH = "/api/models/m1/"
+DUPLICATE_UPDATE = {
+    "detail": "You already sent an update of model m1 for round 3; wait for the next round."
+}
+
+
+def upload_tiny_update(client: Client) -> None:
+    client.upload_update("m1", TinyNet().state_dict(), round=3, sample_size=10)
+
+
+def test_upload_resent_after_keepalive_close():
+    # The download leaves a kept-alive connection, and the server closes it just as the
+    # upload arrives on it, so requests raises ConnectionError without any response.
+    server = ConnectionScript(
+        [
+            [(RESPOND, 200, {"model": "bytes"}), (CLOSE_ON_ARRIVAL,)],
+            [(RESPOND, 201, {"model_id": "l1"})],
+        ]
+    )
+    with server.running():
+        client = Client(server.url, token="t0k", backoff=0.01)
+        client.download_model("m1")
+        upload_tiny_update(client)
+    assert [(r["connection"], r["complete"]) for r in server.requests] == [
+        (0, True),
+        (0, False),
+        (1, True),
+    ]
+    assert server.requests[2]["method"] == "POST"
+    assert server.requests[2]["path"] == UPDATE_PATH
+
+
+def test_upload_conflict_after_lost_response_is_success(caplog):
+    server = ConnectionScript([[(CLOSE_AFTER_BODY,)], [(RESPOND, 409, DUPLICATE_UPDATE)]])
+    with server.running(), caplog.at_level("INFO", logger="fedserve.client"):
+        client = Client(server.url, token="t0k", backoff=0.01)
+        upload_tiny_update(client)
+    assert [(r["connection"], r["method"]) for r in server.requests] == [
+        (0, "POST"),
+        (1, "POST"),
+    ]
+    # The multipart boundary differs between attempts, so compare lengths and the round.
+    assert len(server.requests[0]["body"]) == len(server.requests[1]["body"])
+    for request in server.requests:
+        assert b'name="round"\r\n\r\n3\r\n' in request["body"]
+    assert "an earlier attempt was stored" in caplog.text
+    assert "uploaded update of model m1 for round 3" in caplog.text
+
+
+def test_upload_conflict_after_5xx_is_success():
+    server = ScriptedServer([(503, {"detail": "busy"}), (409, DUPLICATE_UPDATE)])
+    with server.running():
+        client = Client(server.url, token="t0k", backoff=0.01)
+        upload_tiny_update(client)
+    assert len(server.requests) == 2
+
+
+def test_upload_conflict_on_first_attempt_raises():
+    server = ScriptedServer([(409, DUPLICATE_UPDATE)])
+    with server.running():
+        client = Client(server.url, token="t0k", backoff=0.01)
+        with pytest.raises(ConflictError) as caught:
+            upload_tiny_update(client)
+    assert caught.value.status == 409
+    assert caught.value.message == DUPLICATE_UPDATE["detail"]
+    assert len(server.requests) == 1
+
+
+class RefusedOnce(requests.Session):
+    """A session whose first request fails as a refused connection does, before sending."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        try:
+            requests.get(f"http://127.0.0.1:{free_port()}/", timeout=5)
+        except requests.ConnectionError as error:
+            self.refusal: requests.ConnectionError | None = error
+        else:
+            raise AssertionError("a closed port accepted a connection")
+
+    def request(self, *args, **kwargs):
+        if self.refusal is not None:
+            refusal, self.refusal = self.refusal, None
+            raise refusal
+        return super().request(*args, **kwargs)
+
+
+def test_upload_conflict_after_refused_connection_raises():
+    # A refused connection sent nothing, so the 409 of the next attempt is a real conflict.
+    server = ScriptedServer([(409, DUPLICATE_UPDATE)])
+    with server.running():
+        client = Client(server.url, token="t0k", backoff=0.01, session=RefusedOnce())
+        with pytest.raises(ConflictError):
+            upload_tiny_update(client)
+    assert len(server.requests) == 1
+
+
+def test_conflict_after_lost_response_raises_outside_uploads():
+    # Only uploads, whose duplicate the server reports as 409, take that 409 as success.
+    server = ConnectionScript([[(CLOSE_AFTER_BODY,)], [(RESPOND, 409, {"detail": "in use"})]])
+    with server.running():
+        client = Client(server.url, token="t0k", backoff=0.01)
+        with pytest.raises(ConflictError):
+            client.start_training("t1")
+    assert len(server.requests) == 2
