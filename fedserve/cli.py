@@ -30,7 +30,7 @@ def _migrate_if_embedded() -> None:
         logger.info("database migrated: %s", settings.DATABASES["default"]["NAME"])
 
 
-def serve(host: str, port: int, workers: int, threads: int) -> None:
+def serve(host: str, port: int, workers: int, threads: int, keepalive: int) -> None:
     """Run the API under gunicorn with threaded workers."""
     _setup_django()
     use_fixed_mmap_threshold()
@@ -62,6 +62,10 @@ def serve(host: str, port: int, workers: int, threads: int) -> None:
                 "threads": threads,
                 # Uploads of large models and long polls hold a request open for minutes.
                 "timeout": 0,
+                # gunicorn's default of 2 s closes connections that participants reuse after
+                # a short pause, such as loading a model. A close that crosses the next
+                # request fails it without a response, so fewer closes mean fewer resends.
+                "keepalive": keepalive,
                 "graceful_timeout": 10,
                 "accesslog": "-",
                 "loglevel": os.environ.get("FEDSERVE_LOG_LEVEL", "info").lower(),
@@ -131,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=config.env_int("FEDSERVE_THREADS", 32, minimum=1),
         help="request threads per worker process",
     )
+    serve_parser.add_argument(
+        "--keepalive",
+        type=int,
+        default=config.env_int("FEDSERVE_KEEPALIVE_SECONDS", 75, minimum=1),
+        help="seconds an idle HTTP connection stays open for the client's next request",
+    )
 
     worker_parser = commands.add_parser("worker", help="run a background worker (Celery)")
     worker_parser.add_argument("--concurrency", type=int, default=2, help="task processes")
@@ -170,7 +180,7 @@ def _main(argv: list[str] | None) -> None:
     if unknown and args.command != "demo":
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "serve":
-        serve(args.host, args.port, args.workers, args.threads)
+        serve(args.host, args.port, args.workers, args.threads, args.keepalive)
     elif args.command == "worker":
         worker(args.concurrency)
     elif args.command == "manage":
