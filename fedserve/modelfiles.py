@@ -16,6 +16,8 @@ Functions take a binary, seekable file object (or bytes) and leave its position 
 
 from __future__ import annotations
 
+import ast
+import collections
 import io
 import json
 import logging
@@ -27,7 +29,7 @@ import struct
 import sys
 import zipfile
 from collections.abc import Iterator, Mapping
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import safetensors.torch
 import torch
@@ -389,6 +391,291 @@ def load_tensor(fileobj: FileSource) -> torch.Tensor:
     raise ModelFileError(
         f"The file is {_FORMAT_NAMES.get(fmt, fmt)}, not a single tensor; send a torch.save "
         "file of one tensor."
+    )
+
+
+# State dict layout
+
+
+# The legacy storage class names that TorchScript's pickler writes into data.pkl, by dtype.
+_STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "DoubleStorage": torch.float64,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "ComplexDoubleStorage": torch.complex128,
+    "ComplexFloatStorage": torch.complex64,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+
+def read_state_dict_layout(fileobj: FileSource, fmt: str | None = None) -> dict[str, torch.Tensor]:
+    """Read the keys, shapes and dtypes of a model file's state dict, as meta tensors.
+
+    No tensor data is read. A TorchScript archive is read by `_read_torchscript_layout`.
+    An archive that it cannot read is loaded with torch.jit.load on the meta device instead,
+    which reads every tensor record into memory, and an INFO log line gives the reason.
+    """
+    handle = _as_file(fileobj)
+    fmt = fmt or detect_format(handle)
+    handle.seek(0)
+
+    if fmt == FileFormat.TORCHSCRIPT:
+        try:
+            layout = _read_torchscript_layout(handle)
+        except _LayoutUnavailable as reason:
+            logger.info(
+                "reading the TorchScript archive's layout with torch.jit.load, which reads "
+                "all of its tensor data: %s",
+                reason,
+            )
+        else:
+            return {
+                key: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+                for key, tensor in layout.items()
+            }
+        handle.seek(0)
+    return load_state_dict(handle, fmt, map_location="meta")
+
+
+class _LayoutUnavailable(Exception):
+    """The archive uses a feature that the layout reader does not read; the message names it."""
+
+
+class _StorageType(NamedTuple):
+    dtype: torch.dtype
+
+
+class _StorageLayout(NamedTuple):
+    dtype: torch.dtype
+    numel: int
+
+
+class _TensorLayout(NamedTuple):
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+class _ScriptObject:
+    """An instance of a TorchScript class as data.pkl records it: class name and state."""
+
+    qualified_name = ""
+
+    def __init__(self) -> None:
+        self.state: object = None
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+
+class _ClassDeclaration(NamedTuple):
+    is_module: bool
+    parameters: frozenset[str]
+    buffers: frozenset[str]
+    sets_own_state: bool
+
+
+def _rebuild_tensor_layout(
+    storage: object, _storage_offset: object, size: object, *_rest: object
+) -> _TensorLayout:
+    # The arguments of torch._utils._rebuild_tensor_v2, of which only the size counts here.
+    if not isinstance(storage, _StorageLayout):
+        raise _LayoutUnavailable(f"a tensor refers to {type(storage).__name__}, not a storage")
+    if not isinstance(size, tuple) or not all(
+        type(dimension) is int and dimension >= 0 for dimension in size
+    ):
+        raise _LayoutUnavailable(f"a tensor has the invalid size {size!r:.80}")
+    return _TensorLayout(storage.dtype, size)
+
+
+def _untouched(value: object, *_type_tag: object) -> object:
+    # torch.jit._pickle's list builders and type tags return their first argument unchanged.
+    return value
+
+
+# The only callables that data.pkl may name, each replaced by one that builds plain data.
+_LAYOUT_GLOBALS: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_layout,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch.jit._pickle", "build_intlist"): _untouched,
+    ("torch.jit._pickle", "build_doublelist"): _untouched,
+    ("torch.jit._pickle", "build_boollist"): _untouched,
+    ("torch.jit._pickle", "build_tensorlist"): _untouched,
+    ("torch.jit._pickle", "restore_type_tag"): _untouched,
+}
+
+
+class _LayoutUnpickler(pickle.Unpickler):
+    """Unpickle a TorchScript data.pkl into plain data, stand-ins and tensor layouts.
+
+    Only the callables in `_LAYOUT_GLOBALS` resolve, each to a function of this module.
+    A TorchScript class becomes a `_ScriptObject` subclass that only stores its state, and
+    a storage becomes its dtype and size, so no tensor data is read and no code runs.
+    """
+
+    def __init__(self, file: IO[bytes]) -> None:
+        super().__init__(file)
+        self._stand_ins: dict[str, type[_ScriptObject]] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "__torch__" or module.startswith("__torch__."):
+            qualified_name = f"{module}.{name}"
+            if qualified_name not in self._stand_ins:
+                attributes = {"qualified_name": qualified_name}
+                self._stand_ins[qualified_name] = type(name, (_ScriptObject,), attributes)
+            return self._stand_ins[qualified_name]
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])
+        if (module, name) in _LAYOUT_GLOBALS:
+            return _LAYOUT_GLOBALS[module, name]
+        raise _LayoutUnavailable(f"data.pkl refers to {module}.{name}")
+
+    def persistent_load(self, pid: Any) -> _StorageLayout:
+        # TorchScript writes ("storage", storage type, record key, device, element count).
+        if (
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+            and type(pid[4]) is int
+        ):
+            return _StorageLayout(pid[1].dtype, pid[4])
+        raise _LayoutUnavailable(f"data.pkl has the unknown persistent id {pid!r:.80}")
+
+
+def _read_torchscript_layout(handle: IO[bytes]) -> dict[str, _TensorLayout]:
+    """Read a TorchScript archive's state dict layout from its data.pkl and code.
+
+    data.pkl contains each module's attributes, and the class declarations in code/ tell
+    parameters (`__parameters__`) and buffers (`__buffers__`) from other attributes. The
+    code is parsed, never run. The keys come in the order of torch.jit.load(...).state_dict():
+    per module its parameters, then its buffers, then its submodules, in attribute order.
+    Raises _LayoutUnavailable for what this reader does not read: a pickle with other
+    callables (quantized or sparse tensors, for example), a class that restores its own
+    state with `__setstate__`, or an attribute object whose class has no code (a C++ class).
+    """
+    try:
+        with zipfile.ZipFile(handle) as archive:
+            data_pickles = [
+                name
+                for name in archive.namelist()
+                if name.count("/") == 1 and name.endswith("/data.pkl")
+            ]
+            if len(data_pickles) != 1:
+                raise _LayoutUnavailable(f"the archive has {len(data_pickles)} data.pkl records")
+            folder = data_pickles[0].split("/", 1)[0]
+            with archive.open(data_pickles[0]) as data:
+                root = _LayoutUnpickler(data).load()
+
+            declarations = _ClassDeclarations(archive, folder)
+            layout: dict[str, _TensorLayout] = {}
+            if not (
+                isinstance(root, _ScriptObject) and declarations.find(root.qualified_name).is_module
+            ):
+                raise _LayoutUnavailable("data.pkl does not contain a module")
+            _add_module_layout(root, "", declarations, layout, ancestors=set())
+            return layout
+    except _LayoutUnavailable:
+        raise
+    except Exception as error:  # damaged archives and pickles raise many exception types
+        raise _LayoutUnavailable(f"the archive cannot be read ({error!r:.200})") from None
+
+
+def _add_module_layout(
+    module: _ScriptObject,
+    prefix: str,
+    declarations: _ClassDeclarations,
+    layout: dict[str, _TensorLayout],
+    ancestors: set[int],
+) -> None:
+    declaration = declarations.find(module.qualified_name)
+    state = module.state
+    if declaration.sets_own_state or not isinstance(state, dict):
+        raise _LayoutUnavailable(f"{module.qualified_name} restores its own state")
+    missing = (declaration.parameters | declaration.buffers) - state.keys()
+    if missing:
+        raise _LayoutUnavailable(f"{module.qualified_name} lacks the attributes {sorted(missing)}")
+
+    # As in nn.Module.state_dict: parameters, then buffers, then submodules; a None is left out.
+    for names in (declaration.parameters, declaration.buffers):
+        for name, value in state.items():
+            if name not in names or value is None:
+                continue
+            if not isinstance(value, _TensorLayout):
+                raise _LayoutUnavailable(f"{prefix}{name} is a {type(value).__name__}")
+            layout[prefix + name] = value
+
+    ancestors = ancestors | {id(module)}
+    for name, value in state.items():
+        if not isinstance(value, _ScriptObject):
+            continue
+        if id(value) in ancestors:
+            raise _LayoutUnavailable(f"{prefix}{name} contains itself")
+        if declarations.find(value.qualified_name).is_module:
+            _add_module_layout(value, f"{prefix}{name}.", declarations, layout, ancestors)
+
+
+class _ClassDeclarations:
+    """The classes that a TorchScript archive's code/ records declare, parsed on first use.
+
+    The class `__torch__.a.b.C` is declared in the record `code/__torch__/a/b.py`.
+    """
+
+    def __init__(self, archive: zipfile.ZipFile, folder: str) -> None:
+        self._archive = archive
+        self._folder = folder
+        self._by_file: dict[str, dict[str, _ClassDeclaration]] = {}
+
+    def find(self, qualified_name: str) -> _ClassDeclaration:
+        module, _, name = qualified_name.rpartition(".")
+        if module not in self._by_file:
+            self._by_file[module] = self._parse(module)
+        declaration = self._by_file[module].get(name)
+        if declaration is None:
+            raise _LayoutUnavailable(f"the archive's code does not declare {qualified_name}")
+        return declaration
+
+    def _parse(self, module: str) -> dict[str, _ClassDeclaration]:
+        record = f"{self._folder}/code/{module.replace('.', '/')}.py"
+        try:
+            source = self._archive.read(record)
+        except KeyError:
+            return {}
+        return {
+            node.name: _class_declaration(node)
+            for node in ast.parse(source, filename=record).body
+            if isinstance(node, ast.ClassDef)
+        }
+
+
+def _class_declaration(node: ast.ClassDef) -> _ClassDeclaration:
+    lists: dict[str, frozenset[str]] = {"__parameters__": frozenset(), "__buffers__": frozenset()}
+    for statement in node.body:
+        if (
+            isinstance(statement, ast.Assign)
+            and len(statement.targets) == 1
+            and isinstance(statement.targets[0], ast.Name)
+            and statement.targets[0].id in lists
+        ):
+            names = ast.literal_eval(statement.value)
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise _LayoutUnavailable(
+                    f"{node.name}.{statement.targets[0].id} is not a list of attribute names"
+                )
+            lists[statement.targets[0].id] = frozenset(names)
+    return _ClassDeclaration(
+        is_module=any(isinstance(base, ast.Name) and base.id == "Module" for base in node.bases),
+        parameters=lists["__parameters__"],
+        buffers=lists["__buffers__"],
+        sets_own_state=any(
+            isinstance(statement, ast.FunctionDef) and statement.name == "__setstate__"
+            for statement in node.body
+        ),
     )
 
 

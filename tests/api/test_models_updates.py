@@ -403,21 +403,20 @@ def test_swag_permissions(swag_round, hooks):
     assert missing.status_code == 404
 
 
-def test_update_check_loads_global_layout_once(update_round, hooks, monkeypatch):
+def test_update_check_reads_global_layout_once(update_round, hooks, monkeypatch):
     training, participant = update_round
     peer = training.participants.exclude(pk=participant.pk).get()
-    loads = []
-    real = model_views.modelfiles.load_state_dict
+    reads = []
+    real = model_views.modelfiles.read_state_dict_layout
 
-    def counting(handle, fmt=None, **kwargs):
-        loads.append(kwargs.get("map_location"))
-        return real(handle, fmt, **kwargs)
+    def counting(handle, fmt=None):
+        reads.append(fmt)
+        return real(handle, fmt)
 
-    monkeypatch.setattr(model_views.modelfiles, "load_state_dict", counting)
+    monkeypatch.setattr(model_views.modelfiles, "read_state_dict_layout", counting)
     content = state_dict_bytes(tiny_state())
 
     assert post_update(participant, training.model, content).status_code == 201
     assert post_update(peer, training.model, content).status_code == 201
 
-    # One load of the global model for both updates, plus one of each update.
-    assert len(loads) == 3
+    assert reads == [training.model.weights_format]

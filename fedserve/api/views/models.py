@@ -481,12 +481,12 @@ def _duplicate_update(model: Model, round_number: int) -> Conflict:
 def _expected_state(model_id: str, weights_path: str, weights_format: str) -> dict[str, Any]:
     """Return the keys, shapes and dtypes of a stored global model as meta tensors.
 
-    Loading a TorchScript archive reads every weight into memory, even for the meta device.
-    The weights path changes with every aggregation, so caching by path loads each global
-    model once per round and process instead of once per update.
+    No tensor data is read, except from the archives that `modelfiles.read_state_dict_layout`
+    loads whole. The weights path changes with every aggregation, so caching by path reads
+    each global model once per round and process instead of once per update.
     """
     with modelstore.open_file(weights_path) as handle:
-        return modelfiles.load_state_dict(handle, weights_format, map_location="meta")
+        return modelfiles.read_state_dict_layout(handle, weights_format)
 
 
 def _prepare_update(upload: File[Any], global_model: Model) -> File[Any]:

@@ -1,0 +1,108 @@
+"""Measure the peak RSS growth of reading a large TorchScript archive's layout, in a new process.
+
+Run by test_modelfiles_layout.py as `python layout_memory_probe.py FOLDER [--full-load]`,
+with DJANGO_SETTINGS_MODULE set. It writes a TorchScript archive of about 128 MB into FOLDER
+and prints one JSON object. `growth` is the peak anonymous resident memory (RssAnon, sampled
+every millisecond on a thread) while reading the layout, minus RssAnon just before. The
+archive is read through a file object without a path, from which torch.jit.load reads the
+whole file. `--full-load` loads the archive with torch.jit.load on the meta device instead,
+to show that the measurement records growth.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+from typing import IO
+
+import django
+import torch
+
+from tests.aggregation.peak_memory import anonymous_rss
+
+
+class WideLinear(torch.nn.Module):
+    """32 Mi float32 weights (128 MiB) and a bias, zero-filled, so writing the file is fast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(8192, 4096))
+        self.bias = torch.nn.Parameter(torch.zeros(8192))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+class PathlessReader:
+    """A binary file without a name or descriptor, as a remote model store returns."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+
+    def read(self, size: int = -1) -> bytes:
+        return self._file.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+
+def main() -> None:
+    folder = Path(sys.argv[1])
+    full_load = "--full-load" in sys.argv[2:]
+    django.setup()
+    from fedserve import modelfiles
+    from fedserve.core.models import FileFormat
+
+    path = folder / "wide.pt"
+    module = torch.jit.script(WideLinear())
+    model_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    torch.jit.save(module, str(path))
+    del module
+
+    # Warm up with a small archive, so that first-call allocations are not counted.
+    small = folder / "small.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(small))
+    with small.open("rb") as file:
+        modelfiles.read_state_dict_layout(PathlessReader(file), FileFormat.TORCHSCRIPT)
+
+    before = anonymous_rss()
+    peak = before
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, anonymous_rss())
+            done.wait(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with path.open("rb") as file:
+            reader = PathlessReader(file)
+            if full_load:
+                layout = modelfiles.load_state_dict(
+                    reader, FileFormat.TORCHSCRIPT, map_location="meta"
+                )
+            else:
+                layout = modelfiles.read_state_dict_layout(reader, FileFormat.TORCHSCRIPT)
+    finally:
+        done.set()
+        sampler.join()
+    peak = max(peak, anonymous_rss())
+    print(json.dumps({"model_bytes": model_bytes, "growth": peak - before, "keys": len(layout)}))
+
+
+if __name__ == "__main__":
+    main()
