@@ -365,6 +365,7 @@ class Client:
         poll_wait: float = 25.0,
         update_format: str = _serialization.STATE_DICT,
         idle_timeout: float | None = None,
+        retry_wait: float = 5.0,
     ) -> Notification:
         """Take part in a training until it finishes or this participant is removed.
 
@@ -375,7 +376,9 @@ class Client:
         reads notifications from `receiver`, or starts a receiver on 127.0.0.1 at the
         port of the user's `message_endpoint`. Returns the TRAINING_FINISHED or
         CLIENT_REMOVED notification. `idle_timeout` (seconds without a notification
-        for this training) raises TimeoutError; None waits for ever.
+        for this training) raises TimeoutError; None waits for ever. Work that fails after
+        every retry because the server is unreachable or returns 5xx is tried again every
+        `retry_wait` seconds.
         """
         from fedserve.client._participant import Participant
 
@@ -388,7 +391,11 @@ class Client:
             update_format=update_format,
         )
         return participant.run(
-            mode=mode, receiver=receiver, poll_wait=poll_wait, idle_timeout=idle_timeout
+            mode=mode,
+            receiver=receiver,
+            poll_wait=poll_wait,
+            idle_timeout=idle_timeout,
+            retry_wait=retry_wait,
         )
 
     # Plumbing

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from fedserve.client import _serialization
-from fedserve.client._errors import ClientError, ConflictError
+from fedserve.client._errors import ClientError, ConflictError, ServerError, TransportError
 from fedserve.client._notifications import Notification, NotificationType
 from fedserve.client._webhook import WebhookReceiver
 
@@ -28,6 +28,9 @@ _ACTIONS = {
 }
 _ENDINGS = {NotificationType.TRAINING_FINISHED, NotificationType.CLIENT_REMOVED}
 MODES = ("poll", "webhook")
+# Failures that remain after the transport's own retries but that a later attempt may not
+# meet, because the server was unreachable or kept returning 5xx.
+_TRANSIENT_ERRORS = (TransportError, ServerError)
 
 TrainCallback = Callable[
     ["torch.nn.Module", int], tuple[Any, int, Mapping[str, float | str] | None]
@@ -42,7 +45,9 @@ class Participant:
     Delivery is at least once, so the loop drops a notification it has already handled
     and treats 409 (this update or these metrics are already stored) as done. When
     several notifications wait, only the newest one that requests work is acted on: a
-    later round can only have started once the earlier one was over.
+    later round can only have started once the earlier one was over. Work that fails
+    because the server is unreachable or returns 5xx is logged and tried again every
+    `retry_wait` seconds, so the participant does not drop out of the round.
     """
 
     def __init__(
@@ -70,6 +75,12 @@ class Participant:
         # The newest TorchScript global model, the architecture for weights-only downloads.
         self._architecture: bytes | None = None
         self._global_model_id = ""
+        self._retry_wait = 5.0
+        # Work that failed with a transient error, to be tried again.
+        self._unfinished: Notification | None = None
+        # (notification key, update, sample size, metrics) of an update that `train` returned
+        # but that is not uploaded yet, so that a retry sends it without training again.
+        self._trained: tuple[Any, Any, int, Mapping[str, float | str] | None] | None = None
 
     def run(
         self,
@@ -78,10 +89,16 @@ class Participant:
         receiver: WebhookReceiver | None = None,
         poll_wait: float = 25.0,
         idle_timeout: float | None = None,
+        retry_wait: float = 5.0,
     ) -> Notification:
         """Handle notifications until the training finishes or this participant is removed."""
         if mode not in MODES:
             raise ValueError(f"mode must be 'poll' or 'webhook', not {mode!r}.")
+        if not retry_wait > 0:
+            raise ValueError(
+                f"retry_wait must be a positive number of seconds, not {retry_wait!r}."
+            )
+        self._retry_wait = retry_wait
         training = self.client.get_training(self.training_id)
         self._check_callbacks(training)
         self._global_model_id = model_id_of(training)
@@ -136,7 +153,7 @@ class Participant:
         backlog: list[Notification] = []
         # Read the whole stored backlog first, so that old rounds collapse into the newest.
         while True:
-            page = self.client.notifications(after=after, wait=0)
+            page = self._fetch(after, 0)
             if not page:
                 break
             backlog.extend(page)
@@ -146,26 +163,53 @@ class Participant:
         last_seen = time.monotonic()
         while True:
             wait = poll_wait
+            if self._unfinished is not None:
+                wait = min(wait, self._retry_wait)
             if idle_timeout is not None:
                 remaining = idle_timeout - (time.monotonic() - last_seen)
                 if remaining <= 0:
                     raise TimeoutError(self._idle_message(idle_timeout))
                 wait = min(wait, remaining)
-            batch = self.client.notifications(after=after, wait=wait)
+            batch = self._fetch(after, wait)
             if batch:
                 after = max(after, *(n.sequence or 0 for n in batch))
                 if any(n.training_id == self.training_id for n in batch):
                     last_seen = time.monotonic()
-                yield batch
+            # An empty batch still goes out, so that unfinished work is tried again.
+            yield batch
+
+    def _fetch(self, after: int, wait: float) -> list[Notification]:
+        """Read the feed after `after`; return no notifications, after a pause, if it fails."""
+        try:
+            return self.client.notifications(after=after, wait=wait)
+        except _TRANSIENT_ERRORS as exc:
+            logger.warning(
+                "training %s: reading notifications failed (%s); trying again in %g s",
+                self.training_id,
+                exc,
+                self._retry_wait,
+            )
+            time.sleep(self._retry_wait)
+            return []
 
     def _webhook_batches(
         self, receiver: WebhookReceiver, idle_timeout: float | None
     ) -> Iterator[list[Notification]]:
+        last_seen = time.monotonic()
         while True:
+            timeout = None
+            if idle_timeout is not None:
+                timeout = max(idle_timeout - (time.monotonic() - last_seen), 0.0)
+            if self._unfinished is not None:
+                timeout = self._retry_wait if timeout is None else min(timeout, self._retry_wait)
             try:
-                first = receiver.queue.get(timeout=idle_timeout)
+                first = receiver.queue.get(timeout=timeout)
             except queue.Empty:
-                raise TimeoutError(self._idle_message(idle_timeout)) from None
+                if idle_timeout is not None and time.monotonic() - last_seen >= idle_timeout:
+                    raise TimeoutError(self._idle_message(idle_timeout)) from None
+                yield []
+                continue
+            last_seen = time.monotonic()
             batch = [first]
             while True:
                 try:
@@ -192,6 +236,8 @@ class Participant:
                 return notification
 
         pending = [n for n in ours if n.type in _ACTIONS and n.key not in self._handled]
+        if self._unfinished is not None and self._unfinished.key not in self._handled:
+            pending.insert(0, self._unfinished)
         for notification in ours:
             if notification.type == NotificationType.TRAINING_START:
                 logger.info("training %s started", self.training_id)
@@ -211,7 +257,21 @@ class Participant:
                 notification.type,
                 notification.round,
             )
-        self._handle(newest)
+        self._unfinished = None
+        try:
+            self._handle(newest)
+        except _TRANSIENT_ERRORS as exc:
+            logger.error(
+                "training %s: %s for round %s failed (%s); trying again in %g s",
+                self.training_id,
+                newest.type,
+                newest.round,
+                exc,
+                self._retry_wait,
+            )
+            self._unfinished = newest
+            self._handled.update(n.key for n in pending[:-1])
+            return None
         self._handled.update(n.key for n in pending)
         return None
 
@@ -257,9 +317,18 @@ class Participant:
 
     def _train_round(self, notification: Notification) -> None:
         model_id, round_number = self._require(notification)
-        model = self._load(model_id)
-        logger.info("training %s: training round %s", self.training_id, round_number)
-        update, sample_size, metrics = self.train(model, round_number)
+        if self._trained is not None and self._trained[0] == notification.key:
+            _, update, sample_size, metrics = self._trained
+            logger.info(
+                "training %s: uploading the update of round %s again",
+                self.training_id,
+                round_number,
+            )
+        else:
+            model = self._load(model_id)
+            logger.info("training %s: training round %s", self.training_id, round_number)
+            update, sample_size, metrics = self.train(model, round_number)
+            self._trained = (notification.key, update, sample_size, metrics)
         # In a FedDC daisy-chain round the notification names a peer's local model, but
         # every update belongs to the training's global model.
         self.client.upload_update(
@@ -270,6 +339,7 @@ class Participant:
             metrics=metrics or {},
             file_format=self.update_format,
         )
+        self._trained = None
         self.rounds_trained.append(round_number)
 
     def _test_round(self, notification: Notification) -> None:

@@ -18,6 +18,8 @@ from fedserve.client import (
     ConflictError,
     Notification,
     NotificationType,
+    ServerError,
+    TransportError,
     WebhookReceiver,
 )
 from fedserve.client._participant import Participant
@@ -51,7 +53,9 @@ def note(
 
 
 class StubClient:
-    def __init__(self, pages: list[list[Notification]], **training: Any) -> None:
+    """Return scripted feed pages; a page that is an exception is raised instead."""
+
+    def __init__(self, pages: list[Any], **training: Any) -> None:
         self.pages = pages
         self.training = {"id": TRAINING, "model": GLOBAL, "state": "O", "options": {}, **training}
         self.model_round = 0
@@ -60,6 +64,8 @@ class StubClient:
         self.updates: list[tuple[str, int, int]] = []
         self.metrics: list[tuple[str, dict[str, Any]]] = []
         self.update_error: Exception | None = None
+        # Raised by the next uploads of updates, one each, before `update_error` applies.
+        self.update_failures: list[Exception] = []
         self.polls: list[tuple[int, float]] = []
 
     def get_training(self, training_id: str) -> dict[str, Any]:
@@ -75,7 +81,10 @@ class StubClient:
         self.polls.append((after, wait))
         if not self.pages:
             raise AssertionError("the loop polled after the training ended")
-        return self.pages.pop(0)
+        page = self.pages.pop(0)
+        if isinstance(page, Exception):
+            raise page
+        return list(page)
 
     def download_model(self, model_id: str) -> bytes:
         return self.files[model_id]
@@ -90,6 +99,8 @@ class StubClient:
         metrics: Any,
         file_format: str,
     ) -> None:
+        if self.update_failures:
+            raise self.update_failures.pop(0)
         if self.update_error is not None:
             raise self.update_error
         self.updates.append((model_id, round, sample_size))
@@ -318,3 +329,124 @@ def test_unknown_mode_rejected():
     participant = Participant(StubClient([]), TRAINING, train=train, test=evaluate)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="mode must be"):
         participant.run(mode="push")
+
+
+# Transient failures after the transport's retries
+
+
+UNREACHABLE = TransportError("POST failed after 5 attempts", method="POST", url="u")
+UNAVAILABLE = ServerError("busy", status=503, method="POST", url="u")
+
+
+class CountingTrain:
+    def __init__(self) -> None:
+        self.rounds: list[int] = []
+
+    def __call__(self, model: torch.nn.Module, round_number: int) -> Any:
+        self.rounds.append(round_number)
+        return train(model, round_number)
+
+
+def run_with_retries(stub: StubClient, counting_train: CountingTrain) -> Notification:
+    participant = Participant(stub, TRAINING, train=counting_train, test=evaluate)  # type: ignore[arg-type]
+    return participant.run(mode="poll", poll_wait=1, retry_wait=0.01)
+
+
+def test_failed_upload_sent_again_without_training():
+    stub = StubClient(
+        [
+            [],
+            [note("UPDATE_ROUND_START", 0, sequence=1)],
+            [],
+            [],
+            [note("TRAINING_FINISHED", sequence=2)],
+        ]
+    )
+    stub.update_failures = [UNREACHABLE, UNAVAILABLE]
+    counting_train = CountingTrain()
+    ending = run_with_retries(stub, counting_train)
+    assert ending.type is NotificationType.TRAINING_FINISHED
+    assert stub.updates == [(GLOBAL, 0, 12)]
+    assert counting_train.rounds == [0]
+    # After a failure the loop polls with the retry wait, not the poll wait.
+    assert stub.polls[2:] == [(1, 0.01), (1, 0.01), (1, 1)]
+
+
+def test_failed_upload_logged(caplog):
+    stub = StubClient(
+        [
+            [],
+            [note("UPDATE_ROUND_START", 0, sequence=1)],
+            [],
+            [note("TRAINING_FINISHED", sequence=2)],
+        ]
+    )
+    stub.update_failures = [UNREACHABLE]
+    with caplog.at_level("ERROR", logger="fedserve.client"):
+        run_with_retries(stub, CountingTrain())
+    assert f"training {TRAINING}: UPDATE_ROUND_START for round 0 failed" in caplog.text
+    assert "POST failed after 5 attempts" in caplog.text
+
+
+def test_failed_upload_superseded_by_newer_round():
+    stub = StubClient(
+        [
+            [],
+            [note("UPDATE_ROUND_START", 0, sequence=1)],
+            [note("UPDATE_ROUND_START", 1, sequence=2)],
+            [note("TRAINING_FINISHED", sequence=3)],
+        ]
+    )
+    stub.update_failures = [UNREACHABLE]
+    counting_train = CountingTrain()
+    run_with_retries(stub, counting_train)
+    assert stub.updates == [(GLOBAL, 1, 12)]
+    assert counting_train.rounds == [0, 1]
+
+
+def test_failed_feed_read_polled_again():
+    stub = StubClient(
+        [
+            [],
+            UNREACHABLE,
+            [note("UPDATE_ROUND_START", 0, sequence=1)],
+            UNAVAILABLE,
+            [note("TRAINING_FINISHED", sequence=2)],
+        ]
+    )
+    ending = run_with_retries(stub, CountingTrain())
+    assert ending.type is NotificationType.TRAINING_FINISHED
+    assert stub.updates == [(GLOBAL, 0, 12)]
+    assert [after for after, _ in stub.polls] == [0, 0, 0, 1, 1]
+
+
+def test_non_transient_upload_error_still_raises():
+    stub = StubClient([[], [note("UPDATE_ROUND_START", 0, sequence=1)], []])
+    stub.update_failures = [UNREACHABLE]
+    stub.update_error = ClientError("model_file: not a model", status=400)
+    with pytest.raises(ClientError, match="not a model"):
+        run_with_retries(stub, CountingTrain())
+
+
+def test_webhook_mode_retries_failed_upload():
+    stub = StubClient([])
+    stub.update_failures = [UNREACHABLE]
+    with WebhookReceiver() as receiver:
+        original_upload = stub.upload_update
+
+        def upload_then_finish(*args: Any, **kwargs: Any) -> None:
+            original_upload(*args, **kwargs)
+            receiver.queue.put(note("TRAINING_FINISHED"))
+
+        stub.upload_update = upload_then_finish  # type: ignore[method-assign]
+        receiver.queue.put(note("UPDATE_ROUND_START", 0))
+        participant = Participant(stub, TRAINING, train=train, test=evaluate)  # type: ignore[arg-type]
+        ending = participant.run(mode="webhook", receiver=receiver, retry_wait=0.01)
+    assert ending.type is NotificationType.TRAINING_FINISHED
+    assert stub.updates == [(GLOBAL, 0, 12)]
+
+
+def test_retry_wait_must_be_positive():
+    participant = Participant(StubClient([]), TRAINING, train=train, test=evaluate)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="retry_wait must be a positive number"):
+        participant.run(retry_wait=0)
