@@ -832,16 +832,18 @@ def count_float_parameters(module: torch.nn.Module) -> int:
 def find_non_finite(fileobj: FileSource, fmt: str | None = None) -> str | None:
     """Describe the first tensor that contains NaN or infinity; return None when all are finite.
 
-    For torch.save zip files and safetensors the data is read from the file in chunks, so
-    memory does not grow with the file size. Other formats are loaded whole.
+    For torch.save zip files and safetensors the data is read from the file in chunks into
+    one reused buffer, so memory does not grow with the file size. Other formats are loaded
+    whole.
     """
     handle = _as_file(fileobj)
     fmt = fmt or detect_format(handle)
     handle.seek(0)
 
     if fmt == FileFormat.SAFETENSORS:
+        buffer = bytearray(_SCAN_CHUNK_BYTES)
         for name, dtype, _shape, begin, end in _safetensors_entries(handle):
-            problem = _scan_bytes(handle, dtype, begin, end)
+            problem = _scan_bytes(handle, dtype, begin, end, buffer)
             if problem:
                 return f"{name!r} contains {problem}"
         return None
@@ -867,6 +869,7 @@ def _find_non_finite_torch_zip(handle: IO[bytes]) -> str | None:
     # Loading on the meta device reads only the pickle; each storage records where its
     # bytes start in the file.
     meta = _as_state_dict(_load_weights_only(handle, map_location="meta"))
+    buffer = bytearray(_SCAN_CHUNK_BYTES)
     for name, tensor in meta.items():
         if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
             continue
@@ -882,33 +885,72 @@ def _find_non_finite_torch_zip(handle: IO[bytes]) -> str | None:
                 end = begin + tensor.numel() * tensor.element_size()
             else:
                 begin, end = storage_start, storage_start + storage.nbytes()
-            problem = _scan_bytes(handle, tensor.dtype, begin, end)
+            problem = _scan_bytes(handle, tensor.dtype, begin, end, buffer)
         if problem:
             return f"{name!r} contains {problem}"
     return None
 
 
-def _scan_bytes(handle: IO[bytes], dtype: torch.dtype, begin: int, end: int) -> str | None:
+def _scan_bytes(
+    handle: IO[bytes], dtype: torch.dtype, begin: int, end: int, buffer: bytearray
+) -> str | None:
+    """Check the values of `dtype` stored in bytes begin..end, read chunk by chunk into `buffer`."""
     if not (dtype.is_floating_point or dtype.is_complex):
         return None
     item_size = torch.empty((), dtype=dtype).element_size()
-    chunk_size = _SCAN_CHUNK_BYTES - _SCAN_CHUNK_BYTES % item_size
+    chunk_size = len(buffer) - len(buffer) % item_size
+    view = memoryview(buffer)
     handle.seek(begin)
     position = begin
     while position < end:
-        chunk = handle.read(min(chunk_size, end - position))
-        if not chunk:
+        size = min(chunk_size, end - position)
+        if _read_into(handle, view[:size]) < size:
             raise ModelFileError("The file ends inside tensor data; it is truncated.")
-        values = torch.frombuffer(bytearray(chunk), dtype=dtype)
+        values = torch.frombuffer(buffer, dtype=dtype, count=size // item_size)
         problem = _describe_non_finite(values)
         if problem:
             return problem
-        position += len(chunk)
+        position += size
     return None
+
+
+def _read_into(handle: IO[bytes], target: memoryview) -> int:
+    """Fill `target` from the file; return the byte count, which is short only at its end."""
+    readinto = getattr(handle, "readinto", None)
+    filled = 0
+    while filled < len(target):
+        if readinto is not None:
+            count = readinto(target[filled:])
+        else:
+            chunk = handle.read(len(target) - filled)
+            target[filled : filled + len(chunk)] = chunk
+            count = len(chunk)
+        if not count:
+            break
+        filled += count
+    return filled
+
+
+# The dtype in which _describe_non_finite sums a tensor of each dtype. float16 sums in float32,
+# because a float16 sum of many ordinary values exceeds float16's maximum of 65504.
+_SUM_DTYPES: dict[torch.dtype, torch.dtype] = {
+    torch.float16: torch.float32,
+    torch.bfloat16: torch.float32,
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+    torch.complex64: torch.complex64,
+    torch.complex128: torch.complex128,
+}
 
 
 def _describe_non_finite(tensor: torch.Tensor) -> str | None:
     if not (tensor.is_floating_point() or tensor.is_complex()):
+        return None
+    # NaN and infinity carry through addition, so a finite sum shows that every value is
+    # finite, in one pass where torch.isfinite(...).all() takes several. A sum that is not
+    # finite, including one that overflows, goes on to the element-wise check.
+    sum_dtype = _SUM_DTYPES.get(tensor.dtype)
+    if sum_dtype is not None and bool(torch.isfinite(tensor.sum(dtype=sum_dtype))):
         return None
     finite = torch.isfinite(tensor)
     if bool(finite.all()):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
-from typing import Any
+from typing import IO, Any
 
 import torch
 from rest_framework.authtoken.models import Token
@@ -34,6 +34,31 @@ def torchscript_bytes(module: torch.nn.Module | None = None) -> bytes:
     buffer = io.BytesIO()
     torch.jit.save(torch.jit.script(module), buffer)
     return buffer.getvalue()
+
+
+class ReadOnlyFile:
+    """A binary file with read and seek only: no name, descriptor or readinto.
+
+    torch.jit.load reads such a file whole into memory, unlike a file that has a path.
+    """
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+
+    def read(self, size: int = -1) -> bytes:
+        return self._file.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
 
 
 def state_dict_bytes(state_dict: dict[str, torch.Tensor]) -> bytes:

@@ -15,7 +15,6 @@ import json
 import sys
 import threading
 from pathlib import Path
-from typing import IO
 
 import django
 import torch
@@ -35,34 +34,13 @@ class WideLinear(torch.nn.Module):
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
-class PathlessReader:
-    """A binary file without a name or descriptor, as a remote model store returns."""
-
-    def __init__(self, file: IO[bytes]) -> None:
-        self._file = file
-
-    def read(self, size: int = -1) -> bytes:
-        return self._file.read(size)
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._file.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._file.tell()
-
-    def seekable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return True
-
-
 def main() -> None:
     folder = Path(sys.argv[1])
     full_load = "--full-load" in sys.argv[2:]
     django.setup()
     from fedserve import modelfiles
     from fedserve.core.models import FileFormat
+    from tests.factories import ReadOnlyFile
 
     path = folder / "wide.pt"
     module = torch.jit.script(WideLinear())
@@ -74,7 +52,7 @@ def main() -> None:
     small = folder / "small.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(small))
     with small.open("rb") as file:
-        modelfiles.read_state_dict_layout(PathlessReader(file), FileFormat.TORCHSCRIPT)
+        modelfiles.read_state_dict_layout(ReadOnlyFile(file), FileFormat.TORCHSCRIPT)
 
     before = anonymous_rss()
     peak = before
@@ -90,7 +68,7 @@ def main() -> None:
     sampler.start()
     try:
         with path.open("rb") as file:
-            reader = PathlessReader(file)
+            reader = ReadOnlyFile(file)
             if full_load:
                 layout = modelfiles.load_state_dict(
                     reader, FileFormat.TORCHSCRIPT, map_location="meta"

@@ -1,4 +1,5 @@
 import io
+import math
 import pathlib
 import zipfile
 
@@ -8,7 +9,7 @@ import torch
 
 from fedserve import modelfiles
 from fedserve.core.models import FileFormat
-from tests.factories import TinyNet, state_dict_bytes, torchscript_bytes
+from tests.factories import ReadOnlyFile, TinyNet, state_dict_bytes, torchscript_bytes
 
 
 class MarkerPayload:
@@ -211,6 +212,34 @@ def test_find_non_finite_reads_slices_and_torchscript():
     assert modelfiles.find_non_finite(torchscript_bytes(module)) == (
         "'fc2.weight' contains NaN values"
     )
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64]
+)
+@pytest.mark.parametrize("position", [0, 15, 16, 17, 999])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_find_non_finite_in_any_chunk(monkeypatch, dtype, position, value):
+    # 64-byte chunks put the values at the start, middle and end of chunks.
+    monkeypatch.setattr(modelfiles, "_SCAN_CHUNK_BYTES", 64)
+    state = {"a": torch.ones(3, dtype=dtype), "b": torch.ones(1000, dtype=dtype)}
+    state["b"][position] = value
+    expected = "'b' contains NaN values" if math.isnan(value) else "'b' contains infinite values"
+
+    for content in (state_dict_bytes(state), safetensors_bytes(state)):
+        assert modelfiles.find_non_finite(content) == expected
+        assert modelfiles.find_non_finite(ReadOnlyFile(io.BytesIO(content))) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_find_non_finite_accepts_sums_that_overflow(dtype):
+    largest = torch.finfo(dtype).max
+    state = {"w": torch.full((4096,), largest, dtype=dtype), "v": torch.ones(3, dtype=dtype)}
+    state["w"][1::2] = largest / 2
+
+    assert modelfiles.find_non_finite(state_dict_bytes(state)) is None
+    assert modelfiles.find_non_finite(safetensors_bytes(state)) is None
+    assert modelfiles.find_non_finite(torchscript_bytes(TinyNet())) is None
 
 
 def test_find_non_finite_detects_truncated_data():
