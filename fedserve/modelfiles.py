@@ -555,9 +555,10 @@ def _read_torchscript_layout(handle: IO[bytes]) -> dict[str, _TensorLayout]:
     parameters (`__parameters__`) and buffers (`__buffers__`) from other attributes. The
     code is parsed, never run. The keys come in the order of torch.jit.load(...).state_dict():
     per module its parameters, then its buffers, then its submodules, in attribute order.
-    Raises _LayoutUnavailable for what this reader does not read: a pickle with other
-    callables (quantized or sparse tensors, for example), a class that restores its own
-    state with `__setstate__`, or an attribute object whose class has no code (a C++ class).
+    Raises _LayoutUnavailable for what this reader does not read. That is a pickle with
+    other callables (quantized or sparse tensors, for example), a class that restores its
+    own state with `__setstate__`, or an attribute object whose class has no code, such as
+    a C++ class.
     """
     try:
         with zipfile.ZipFile(handle) as archive:
