@@ -185,16 +185,23 @@ def test_layout_of_weights_only_formats():
     assert {tensor.device.type for tensor in layout.values()} == {"meta"}
 
 
-def replace_data_pickle(content: bytes, data: bytes) -> bytes:
+def replace_record(content: bytes, suffix: str, data: bytes | None) -> bytes:
+    """Replace the archive record whose name ends with `suffix`, or drop it for None."""
     replaced = io.BytesIO()
     with (
         zipfile.ZipFile(io.BytesIO(content)) as source,
         zipfile.ZipFile(replaced, "w") as target,
     ):
         for info in source.infolist():
-            record = data if info.filename.endswith("/data.pkl") else source.read(info.filename)
-            target.writestr(info, record)
+            if not info.filename.endswith(suffix):
+                target.writestr(info, source.read(info.filename))
+            elif data is not None:
+                target.writestr(info, data)
     return replaced.getvalue()
+
+
+def replace_data_pickle(content: bytes, data: bytes) -> bytes:
+    return replace_record(content, "/data.pkl", data)
 
 
 class MarkerPayload:
@@ -270,3 +277,33 @@ def test_layout_memory_probe_sees_full_load(tmp_path):
 
     assert figures["keys"] == 2
     assert figures["growth"] > figures["model_bytes"] / 2, figures
+
+
+def test_layout_of_class_without_code_falls_back(caplog):
+    content = archive_bytes(scripted(TinyNet()))
+    without_dropout = replace_record(content, "/code/__torch__/torch/nn/modules/dropout.py", None)
+
+    with (
+        caplog.at_level(logging.INFO, logger="fedserve.modelfiles"),
+        pytest.raises(modelfiles.ModelFileError),
+    ):
+        modelfiles.read_state_dict_layout(without_dropout, FileFormat.TORCHSCRIPT)
+
+    assert "does not declare __torch__.torch.nn.modules.dropout.Dropout" in caplog.text
+
+
+def test_layout_of_module_containing_itself_falls_back(caplog):
+    # A TinyNet whose attribute "loop" is the TinyNet itself (memo entry 1).
+    loop = (
+        b"\x80\x02c__torch__.tests.factories\nTinyNet\nq\x00)\x81q\x01}q\x02("
+        b"X\x08\x00\x00\x00trainingq\x03\x88X\x04\x00\x00\x00loopq\x04h\x01ub."
+    )
+    content = replace_data_pickle(archive_bytes(scripted(TinyNet())), loop)
+
+    with (
+        caplog.at_level(logging.INFO, logger="fedserve.modelfiles"),
+        pytest.raises(modelfiles.ModelFileError),
+    ):
+        modelfiles.read_state_dict_layout(content, FileFormat.TORCHSCRIPT)
+
+    assert "loop contains itself" in caplog.text
