@@ -83,7 +83,12 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "timeout": 30,
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
+    # Each thread keeps its connection for 60 s, because opening one and reading the schema
+    # again took about as long as the queries of a whole webhook delivery.
+    DATABASES["default"]["CONN_MAX_AGE"] = 60
 else:
+    # NOTE: dj_database_url.parse always sets CONN_MAX_AGE (to 0 by default), so this
+    # setdefault keeps 0 and every request and task opens a new connection.
     DATABASES["default"].setdefault("CONN_MAX_AGE", 60)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 EMBEDDED_DATABASE = "DATABASE_URL" not in os.environ
