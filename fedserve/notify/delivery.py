@@ -54,9 +54,13 @@ def deliver_pending(recipient_id: uuid.UUID, resume: tuple[int, int] | None = No
     while True:
         notification = _claim_oldest(recipient_id, resume)
         resume = None
-        if notification is None:
+        if notification is None or not _attempt(notification):
             return
-        if not _attempt(notification):
+        # A notification stored while this one was being posted found it unfinished and left
+        # its delivery to this loop. This check is cheaper than a claim that finds nothing.
+        if not Notification.objects.filter(
+            recipient_id=recipient_id, delivery_state__in=UNFINISHED_STATES
+        ).exists():
             return
 
 
@@ -112,7 +116,7 @@ def _claim_oldest(recipient_id: uuid.UUID, resume: tuple[int, int] | None) -> No
     """Mark the recipient's oldest unfinished notification SENDING and return it, if allowed."""
     oldest = (
         Notification.objects.filter(recipient_id=recipient_id, delivery_state__in=UNFINISHED_STATES)
-        .select_related("recipient", "training")
+        .select_related("recipient")
         .order_by("id")
         .first()
     )

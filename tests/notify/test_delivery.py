@@ -5,7 +5,7 @@ import pytest
 
 import fedserve.tasks
 from fedserve.core.models import Notification, Participation
-from fedserve.notify import DeliveryState, NotificationType, delivery, send
+from fedserve.notify import DeliveryState, NotificationType, delivery, send, webhook
 from fedserve.notify import tasks as notify_tasks
 from tests.factories import make_training, make_user
 
@@ -255,6 +255,30 @@ def test_deliver_keeps_order_per_recipient(scheduled, webhook_server, participan
         "UPDATE_ROUND_START",
     ]
     assert _state(round_start) == DeliveryState.DELIVERED
+
+
+def test_deliver_posts_notification_stored_during_post(
+    scheduled, webhook_server, participant, training, monkeypatch
+):
+    first = _round_start(participant, training, round_number=1)
+    post = webhook.post_notification
+    stored = []
+
+    def post_and_store_next(*args, **kwargs):
+        if not stored:
+            stored.append(_round_start(participant, training, round_number=2))
+            # The new notification's own task finds the first one SENDING and leaves.
+            notify_tasks.deliver(str(participant.pk))
+            assert len(webhook_server.received) == 0
+        return post(*args, **kwargs)
+
+    monkeypatch.setattr(webhook, "post_notification", post_and_store_next)
+
+    notify_tasks.deliver(str(participant.pk))
+
+    assert [r.payload["body"]["round"] for r in webhook_server.received] == [1, 2]
+    assert _state(first) == DeliveryState.DELIVERED
+    assert _state(stored[0]) == DeliveryState.DELIVERED
 
 
 def test_deliver_twice_posts_once(scheduled, webhook_server, participant, training):
