@@ -28,8 +28,8 @@ import pickletools
 import struct
 import sys
 import zipfile
-from collections.abc import Iterator, Mapping
-from typing import IO, Any, NamedTuple
+from collections.abc import Iterable, Iterator, Mapping
+from typing import IO, Any, NamedTuple, TypeGuard
 
 import numpy
 import safetensors.torch
@@ -427,21 +427,78 @@ def read_state_dict_layout(fileobj: FileSource, fmt: str | None = None) -> dict[
     handle.seek(0)
 
     if fmt == FileFormat.TORCHSCRIPT:
-        try:
-            layout = _read_torchscript_layout(handle)
-        except _LayoutUnavailable as reason:
-            logger.info(
-                "reading the TorchScript archive's layout with torch.jit.load, which reads "
-                "all of its tensor data: %s",
-                reason,
-            )
-        else:
-            return {
-                key: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
-                for key, tensor in layout.items()
-            }
+        layout = _torchscript_layout_or_none(handle)
+        if layout is not None:
+            return {key: _meta_tensor(tensor) for key, tensor in layout.tensors.items()}
         handle.seek(0)
     return load_state_dict(handle, fmt, map_location="meta")
+
+
+class ModuleLayout(NamedTuple):
+    """A module's parameters and buffers as meta tensors, with requires_grad set.
+
+    The lists have the order of module.parameters() and module.buffers(), and like them
+    list a tensor that is shared by several attributes once.
+    """
+
+    parameters: list[torch.Tensor]
+    buffers: list[torch.Tensor]
+
+
+def read_module_layout(fileobj: FileSource, fmt: str | None = None) -> ModuleLayout:
+    """Read the shapes and dtypes of a module's parameters and buffers, as meta tensors.
+
+    A TorchScript archive is read as by `read_state_dict_layout`, without its tensor data
+    unless the layout reader cannot read it. A pickled module is loaded on the meta device.
+    """
+    handle = _as_file(fileobj)
+    fmt = fmt or detect_format(handle)
+    handle.seek(0)
+
+    if fmt == FileFormat.TORCHSCRIPT:
+        layout = _torchscript_layout_or_none(handle)
+        if layout is not None:
+            return _module_layout(layout)
+        handle.seek(0)
+    module = load_module(handle, fmt, map_location="meta")
+    return ModuleLayout(list(module.parameters()), list(module.buffers()))
+
+
+def _torchscript_layout_or_none(handle: IO[bytes]) -> _ArchiveLayout | None:
+    """Read an archive's layout; log the reason and return None when the reader cannot."""
+    try:
+        return _read_torchscript_layout(handle)
+    except _LayoutUnavailable as reason:
+        logger.info(
+            "reading the TorchScript archive's layout with torch.jit.load, which reads "
+            "all of its tensor data: %s",
+            reason,
+        )
+        return None
+
+
+def _module_layout(layout: _ArchiveLayout) -> ModuleLayout:
+    # data.pkl stores a shared tensor once, so one object stands for all keys that share it.
+    parameters: dict[int, torch.Tensor] = {}
+    buffers: dict[int, torch.Tensor] = {}
+    for key, tensor in layout.tensors.items():
+        found = parameters if key in layout.parameter_keys else buffers
+        if id(tensor) not in found:
+            found[id(tensor)] = _meta_tensor(tensor, with_grad=True)
+    return ModuleLayout(list(parameters.values()), list(buffers.values()))
+
+
+def _meta_tensor(layout: _TensorLayout, *, with_grad: bool = False) -> torch.Tensor:
+    """Build an empty meta tensor of the layout's shape and dtype.
+
+    `with_grad` keeps the archive's requires_grad flag, which only floating-point and
+    complex tensors can have. state_dict() returns tensors without it.
+    """
+    dtype = layout.dtype
+    requires_grad = (
+        with_grad and layout.requires_grad and (dtype.is_floating_point or dtype.is_complex)
+    )
+    return torch.empty(layout.shape, dtype=dtype, device="meta", requires_grad=requires_grad)
 
 
 class _LayoutUnavailable(Exception):
@@ -453,13 +510,34 @@ class _StorageType(NamedTuple):
 
 
 class _StorageLayout(NamedTuple):
+    """A storage of a TorchScript archive, whose bytes are the record `<folder>/data/<key>`."""
+
     dtype: torch.dtype
     numel: int
+    key: str
 
 
 class _TensorLayout(NamedTuple):
+    """A tensor of a TorchScript archive: a view of `storage`; offset and stride count elements."""
+
     dtype: torch.dtype
     shape: tuple[int, ...]
+    storage: _StorageLayout
+    offset: int
+    stride: tuple[int, ...]
+    requires_grad: bool
+
+
+class _ArchiveLayout(NamedTuple):
+    """The state dict of a TorchScript archive as data.pkl records it, without tensor data.
+
+    `tensors` has the keys of torch.jit.load(...).state_dict() in order. A tensor shared
+    by several keys is one object, as torch.jit.load returns one tensor for it.
+    """
+
+    folder: str
+    tensors: dict[str, _TensorLayout]
+    parameter_keys: frozenset[str]
 
 
 class _ScriptObject:
@@ -482,16 +560,29 @@ class _ClassDeclaration(NamedTuple):
 
 
 def _rebuild_tensor_layout(
-    storage: object, _storage_offset: object, size: object, *_rest: object
+    storage: object,
+    storage_offset: object,
+    size: object,
+    stride: object,
+    requires_grad: object = False,
+    *_rest: object,
 ) -> _TensorLayout:
-    # The arguments of torch._utils._rebuild_tensor_v2, of which only the size counts here.
+    # The arguments of torch._utils._rebuild_tensor_v2; backward hooks and metadata do not count.
     if not isinstance(storage, _StorageLayout):
         raise _LayoutUnavailable(f"a tensor refers to {type(storage).__name__}, not a storage")
-    if not isinstance(size, tuple) or not all(
-        type(dimension) is int and dimension >= 0 for dimension in size
-    ):
+    if not _is_index_tuple(size):
         raise _LayoutUnavailable(f"a tensor has the invalid size {size!r:.80}")
-    return _TensorLayout(storage.dtype, size)
+    if not _is_index_tuple(stride) or len(stride) != len(size):
+        raise _LayoutUnavailable(f"a tensor of size {size!r:.80} has the stride {stride!r:.80}")
+    if type(storage_offset) is not int or storage_offset < 0:
+        raise _LayoutUnavailable(f"a tensor has the invalid storage offset {storage_offset!r:.80}")
+    if not isinstance(requires_grad, bool):
+        raise _LayoutUnavailable(f"a tensor has requires_grad={requires_grad!r:.80}")
+    return _TensorLayout(storage.dtype, size, storage, storage_offset, stride, requires_grad)
+
+
+def _is_index_tuple(value: object) -> TypeGuard[tuple[int, ...]]:
+    return isinstance(value, tuple) and all(type(item) is int and item >= 0 for item in value)
 
 
 def _untouched(value: object, *_type_tag: object) -> object:
@@ -543,13 +634,14 @@ class _LayoutUnpickler(pickle.Unpickler):
             and len(pid) == 5
             and pid[0] == "storage"
             and isinstance(pid[1], _StorageType)
+            and isinstance(pid[2], str)
             and type(pid[4]) is int
         ):
-            return _StorageLayout(pid[1].dtype, pid[4])
+            return _StorageLayout(pid[1].dtype, pid[4], pid[2])
         raise _LayoutUnavailable(f"data.pkl has the unknown persistent id {pid!r:.80}")
 
 
-def _read_torchscript_layout(handle: IO[bytes]) -> dict[str, _TensorLayout]:
+def _read_torchscript_layout(handle: IO[bytes]) -> _ArchiveLayout:
     """Read a TorchScript archive's state dict layout from its data.pkl and code.
 
     data.pkl contains each module's attributes, and the class declarations in code/ tell
@@ -575,13 +667,14 @@ def _read_torchscript_layout(handle: IO[bytes]) -> dict[str, _TensorLayout]:
                 root = _LayoutUnpickler(data).load()
 
             declarations = _ClassDeclarations(archive, folder)
-            layout: dict[str, _TensorLayout] = {}
+            layout = _ArchiveLayout(folder, {}, frozenset())
             if not (
                 isinstance(root, _ScriptObject) and declarations.find(root.qualified_name).is_module
             ):
                 raise _LayoutUnavailable("data.pkl does not contain a module")
-            _add_module_layout(root, "", declarations, layout, ancestors=set())
-            return layout
+            parameter_keys: set[str] = set()
+            _add_module_layout(root, "", declarations, layout.tensors, parameter_keys, set())
+            return layout._replace(parameter_keys=frozenset(parameter_keys))
     except _LayoutUnavailable:
         raise
     except Exception as error:  # damaged archives and pickles raise many exception types
@@ -593,6 +686,7 @@ def _add_module_layout(
     prefix: str,
     declarations: _ClassDeclarations,
     layout: dict[str, _TensorLayout],
+    parameter_keys: set[str],
     ancestors: set[int],
 ) -> None:
     declaration = declarations.find(module.qualified_name)
@@ -604,13 +698,15 @@ def _add_module_layout(
         raise _LayoutUnavailable(f"{module.qualified_name} lacks the attributes {sorted(missing)}")
 
     # As in nn.Module.state_dict: parameters, then buffers, then submodules; a None is left out.
-    for names in (declaration.parameters, declaration.buffers):
+    for names, are_parameters in ((declaration.parameters, True), (declaration.buffers, False)):
         for name, value in state.items():
             if name not in names or value is None:
                 continue
             if not isinstance(value, _TensorLayout):
                 raise _LayoutUnavailable(f"{prefix}{name} is a {type(value).__name__}")
             layout[prefix + name] = value
+            if are_parameters:
+                parameter_keys.add(prefix + name)
 
     ancestors = ancestors | {id(module)}
     for name, value in state.items():
@@ -619,7 +715,9 @@ def _add_module_layout(
         if id(value) in ancestors:
             raise _LayoutUnavailable(f"{prefix}{name} contains itself")
         if declarations.find(value.qualified_name).is_module:
-            _add_module_layout(value, f"{prefix}{name}.", declarations, layout, ancestors)
+            _add_module_layout(
+                value, f"{prefix}{name}.", declarations, layout, parameter_keys, ancestors
+            )
 
 
 class _ClassDeclarations:
@@ -826,9 +924,14 @@ def _key_list(keys: list[str], limit: int = 5) -> str:
     return shown if len(keys) <= limit else f"{shown} and {len(keys) - limit} more"
 
 
-def count_float_parameters(module: torch.nn.Module) -> int:
-    """Count the values in a module's floating-point parameters (buffers excluded)."""
-    return sum(p.numel() for p in module.parameters() if p.is_floating_point())
+def count_float_parameters(parameters: torch.nn.Module | Iterable[torch.Tensor]) -> int:
+    """Count the values in a module's floating-point parameters (buffers excluded).
+
+    Takes the module or its parameters, such as `ModuleLayout.parameters`.
+    """
+    if isinstance(parameters, torch.nn.Module):
+        parameters = parameters.parameters()
+    return sum(p.numel() for p in parameters if p.is_floating_point())
 
 
 def find_non_finite(fileobj: FileSource, fmt: str | None = None) -> str | None:

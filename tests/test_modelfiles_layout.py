@@ -145,6 +145,38 @@ def test_layout_matches_loaded_state_dict(compile_module, module_class, no_full_
     assert {tensor.device.type for tensor in layout.values()} == {"meta"}
 
 
+def tensor_list_layout(tensors) -> list[tuple[list[int], torch.dtype, bool]]:
+    return [(list(tensor.shape), tensor.dtype, tensor.requires_grad) for tensor in tensors]
+
+
+@pytest.mark.parametrize("compile_module", [scripted, traced])
+@pytest.mark.parametrize("module_class", [TinyNet, Block, Nested, SharedBlock, ConvNet])
+def test_module_layout_matches_loaded_module(compile_module, module_class, monkeypatch):
+    module = module_class()
+    next(module.parameters()).requires_grad_(False)
+    content = archive_bytes(compile_module(module))
+    loaded = torch.jit.load(io.BytesIO(content))
+    monkeypatch.setattr(torch.jit, "load", None)
+
+    layout = modelfiles.read_module_layout(content, FileFormat.TORCHSCRIPT)
+
+    assert tensor_list_layout(layout.parameters) == tensor_list_layout(loaded.parameters())
+    assert tensor_list_layout(layout.buffers) == tensor_list_layout(loaded.buffers())
+    assert modelfiles.count_float_parameters(layout.parameters) == (
+        modelfiles.count_float_parameters(loaded)
+    )
+
+
+def test_module_layout_own_state_falls_back():
+    content = archive_bytes(scripted(OwnState()))
+    loaded = torch.jit.load(io.BytesIO(content))
+
+    layout = modelfiles.read_module_layout(content)
+
+    assert tensor_list_layout(layout.parameters) == tensor_list_layout(loaded.parameters())
+    assert tensor_list_layout(layout.buffers) == tensor_list_layout(loaded.buffers())
+
+
 def test_layout_order_and_skipped_attributes(no_full_load):
     layout = modelfiles.read_state_dict_layout(archive_bytes(scripted(Nested())))
 

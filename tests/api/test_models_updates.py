@@ -5,11 +5,15 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import safetensors.torch
 import torch
+from django.core.files.base import ContentFile
 from django.db import IntegrityError
 
+from fedserve import modelstore
 from fedserve.api.views import models as model_views
 from fedserve.core.models import (
     Metric,
@@ -401,6 +405,46 @@ def test_swag_permissions(swag_round, hooks):
         "/api/models/00000000-0000-4000-8000-000000000000/swag/", {}, format="multipart"
     )
     assert missing.status_code == 404
+
+
+class SharedWeights(torch.nn.Module):
+    """Two layers with one weight, a frozen bias, BatchNorm statistics and an integer parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Linear(4, 4)
+        self.decoder = torch.nn.Linear(4, 4)
+        self.decoder.weight = self.encoder.weight
+        self.decoder.bias.requires_grad_(False)
+        self.norm = torch.nn.BatchNorm1d(4)
+        self.steps = torch.nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(self.encoder(x))) + self.steps.sum()
+
+
+def test_swag_length_read_without_loading_model(swag_round, hooks, monkeypatch):
+    training, participant = swag_round
+    content = torchscript_bytes(SharedWeights())
+    training.model.weights_path = modelstore.save(
+        modelstore.model_file_path(training.model.pk, "shared.pt"), ContentFile(content)
+    )
+    training.model.save()
+    # module.parameters() lists the shared weight once: 16 + 4 + 4 + 4 + 4 float values.
+    length = model_views.modelfiles.count_float_parameters(torch.jit.load(io.BytesIO(content)))
+
+    def full_load(*args, **kwargs):
+        raise AssertionError("the SWAG check loaded the whole global model")
+
+    monkeypatch.setattr(torch.jit, "load", full_load)
+    monkeypatch.setattr(model_views.modelfiles, "load_module", full_load)
+    too_short = post_swag(participant, training.model, torch.zeros(28), torch.ones(28))
+    accepted = post_swag(participant, training.model, torch.zeros(length), torch.ones(length))
+
+    assert length == 32
+    assert too_short.status_code == 400
+    assert "28 values, but the global model has 32" in too_short.json()["first_moment_file"][0]
+    assert accepted.status_code == 201, accepted.content
 
 
 def test_update_check_reads_global_layout_once(update_round, hooks, monkeypatch):

@@ -823,9 +823,10 @@ def _duplicate_swag(model: Model, round_number: int) -> Conflict:
 
 
 def _float_parameter_count(model: Model) -> int:
+    # The layout reader reads no tensor data of a TorchScript archive, unlike torch.jit.load.
     with modelstore.open_file(model.weights_path) as handle:
-        module = modelfiles.load_module(handle, model.weights_format, map_location="meta")
-    return modelfiles.count_float_parameters(module)
+        layout = modelfiles.read_module_layout(handle, model.weights_format)
+    return modelfiles.count_float_parameters(layout.parameters)
 
 
 def _check_moment(field: str, upload: IO[bytes], length: int) -> torch.Tensor:
