@@ -937,13 +937,25 @@ def count_float_parameters(parameters: torch.nn.Module | Iterable[torch.Tensor])
 def find_non_finite(fileobj: FileSource, fmt: str | None = None) -> str | None:
     """Describe the first tensor that contains NaN or infinity; return None when all are finite.
 
-    For torch.save zip files and safetensors the data is read from the file in chunks into
-    one reused buffer, so memory does not grow with the file size. Other formats are loaded
-    whole.
+    The tensors checked are those of the state dict. For torch.save zip files, safetensors
+    and TorchScript archives the data is read from the file in chunks into one reused
+    buffer, so memory does not grow with the file size. Other formats are loaded whole, and
+    so are TorchScript archives that the layout reader cannot read (an INFO line says why).
     """
     handle = _as_file(fileobj)
     fmt = fmt or detect_format(handle)
     handle.seek(0)
+
+    if fmt == FileFormat.TORCHSCRIPT:
+        try:
+            return _find_non_finite_torchscript(handle)
+        except _LayoutUnavailable as reason:
+            logger.info(
+                "checking the TorchScript archive's values with torch.jit.load, which reads "
+                "all of its tensor data: %s",
+                reason,
+            )
+        handle.seek(0)
 
     if fmt == FileFormat.SAFETENSORS:
         buffer = bytearray(_SCAN_CHUNK_BYTES)
@@ -994,6 +1006,94 @@ def _find_non_finite_torch_zip(handle: IO[bytes]) -> str | None:
         if problem:
             return f"{name!r} contains {problem}"
     return None
+
+
+def _find_non_finite_torchscript(handle: IO[bytes]) -> str | None:
+    """Check a TorchScript archive's state dict values in the `<folder>/data/<key>` records.
+
+    data.pkl gives each tensor's storage record, dtype, offset and stride, so the values
+    are read from the file without torch.jit.load. Raises _LayoutUnavailable for archives
+    that the layout reader cannot read, whose records are compressed, or whose byte order
+    is not this machine's.
+    """
+    layout = _read_torchscript_layout(handle)
+    if not _zip_is_native_byte_order(handle):
+        raise _LayoutUnavailable(f"the archive's byte order is not {sys.byteorder}")
+    records = _stored_record_spans(handle, f"{layout.folder}/data/")
+
+    buffer = bytearray(_SCAN_CHUNK_BYTES)
+    scanned: set[tuple[int, int]] = set()
+    for name, tensor in layout.tensors.items():
+        if not (tensor.dtype.is_floating_point or tensor.dtype.is_complex):
+            continue
+        if math.prod(tensor.shape) == 0:
+            continue
+        span = _tensor_byte_span(tensor, records)
+        # Tensors that share a storage, such as tied weights, are read once.
+        if span in scanned:
+            continue
+        scanned.add(span)
+        problem = _scan_bytes(handle, tensor.dtype, *span, buffer)
+        if problem:
+            return f"{name!r} contains {problem}"
+    return None
+
+
+def _stored_record_spans(handle: IO[bytes], prefix: str) -> dict[str, tuple[int, int]]:
+    """Map the name after `prefix` of each zip record to the file offset and size of its data."""
+    spans: dict[str, tuple[int, int]] = {}
+    with zipfile.ZipFile(handle) as archive:
+        for info in archive.infolist():
+            if not info.filename.startswith(prefix):
+                continue
+            if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+                raise _LayoutUnavailable(f"the record {info.filename} is compressed")
+            # The data follows the record's local header, whose name and extra field have
+            # their own lengths (zip format: 30 fixed bytes, lengths at offsets 26 and 28).
+            handle.seek(info.header_offset)
+            header = handle.read(30)
+            if len(header) < 30 or not header.startswith(b"PK\x03\x04"):
+                raise _LayoutUnavailable(f"the record {info.filename} has no local header")
+            name_length, extra_length = struct.unpack("<HH", header[26:30])
+            start = info.header_offset + 30 + name_length + extra_length
+            spans[info.filename[len(prefix) :]] = (start, info.file_size)
+    handle.seek(0)
+    return spans
+
+
+def _tensor_byte_span(
+    tensor: _TensorLayout, records: Mapping[str, tuple[int, int]]
+) -> tuple[int, int]:
+    """Return the file offsets begin..end of a tensor's values.
+
+    A contiguous tensor spans its own elements, and any other tensor its whole storage, as
+    in `_find_non_finite_torch_zip`.
+    """
+    storage = tensor.storage
+    if storage.key not in records:
+        raise _LayoutUnavailable(f"the archive has no record data/{storage.key}")
+    start, size = records[storage.key]
+    item_size = tensor.dtype.itemsize
+    if size < storage.numel * item_size:
+        raise _LayoutUnavailable(f"the record data/{storage.key} is shorter than its storage")
+
+    if _is_contiguous(tensor.shape, tensor.stride):
+        begin = start + tensor.offset * item_size
+        end = begin + math.prod(tensor.shape) * item_size
+    else:
+        begin, end = start, start + storage.numel * item_size
+    if end > start + storage.numel * item_size:
+        raise _LayoutUnavailable(f"a tensor reaches beyond its storage data/{storage.key}")
+    return begin, end
+
+
+def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    expected = 1
+    for size, step in zip(reversed(shape), reversed(stride), strict=True):
+        if size != 1 and step != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _scan_bytes(

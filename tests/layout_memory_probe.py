@@ -1,12 +1,14 @@
 """Measure the peak RSS growth of reading a large TorchScript archive's layout, in a new process.
 
-Run by test_modelfiles_layout.py as `python layout_memory_probe.py FOLDER [--full-load]`,
-with DJANGO_SETTINGS_MODULE set. It writes a TorchScript archive of about 128 MB into FOLDER
-and prints one JSON object. `growth` is the peak anonymous resident memory (RssAnon, sampled
-every millisecond on a thread) while reading the layout, minus RssAnon just before. The
-archive is read through a file object without a path, from which torch.jit.load reads the
-whole file. `--full-load` loads the archive with torch.jit.load on the meta device instead,
-to show that the measurement records growth.
+Run by test_modelfiles_layout.py as
+`python layout_memory_probe.py FOLDER [--full-load | --scan]`, with DJANGO_SETTINGS_MODULE
+set. It writes a TorchScript archive of about 128 MB into FOLDER and prints one JSON object.
+`growth` is the peak anonymous resident memory (RssAnon, sampled every millisecond on a
+thread) while reading the layout, minus RssAnon just before. The archive is read through a
+file object without a path, from which torch.jit.load reads the whole file. `--full-load`
+loads the archive with torch.jit.load on the meta device instead, to show that the
+measurement records growth. `--scan` checks every value for NaN and infinity with
+find_non_finite, and prints its result as `problem`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class WideLinear(torch.nn.Module):
 
 def main() -> None:
     folder = Path(sys.argv[1])
-    full_load = "--full-load" in sys.argv[2:]
+    mode = sys.argv[2] if len(sys.argv) > 2 else "--layout"
     django.setup()
     from fedserve import modelfiles
     from fedserve.core.models import FileFormat
@@ -53,6 +55,7 @@ def main() -> None:
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(small))
     with small.open("rb") as file:
         modelfiles.read_state_dict_layout(ReadOnlyFile(file), FileFormat.TORCHSCRIPT)
+        modelfiles.find_non_finite(ReadOnlyFile(file), FileFormat.TORCHSCRIPT)
 
     before = anonymous_rss()
     peak = before
@@ -66,20 +69,26 @@ def main() -> None:
 
     sampler = threading.Thread(target=sample)
     sampler.start()
+    figures: dict[str, object] = {"model_bytes": model_bytes}
     try:
         with path.open("rb") as file:
             reader = ReadOnlyFile(file)
-            if full_load:
+            if mode == "--full-load":
                 layout = modelfiles.load_state_dict(
                     reader, FileFormat.TORCHSCRIPT, map_location="meta"
                 )
+                figures["keys"] = len(layout)
+            elif mode == "--scan":
+                figures["problem"] = modelfiles.find_non_finite(reader, FileFormat.TORCHSCRIPT)
             else:
                 layout = modelfiles.read_state_dict_layout(reader, FileFormat.TORCHSCRIPT)
+                figures["keys"] = len(layout)
     finally:
         done.set()
         sampler.join()
     peak = max(peak, anonymous_rss())
-    print(json.dumps({"model_bytes": model_bytes, "growth": peak - before, "keys": len(layout)}))
+    figures["growth"] = peak - before
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

@@ -303,3 +303,92 @@ def test_check_module_file_large_archive_checks_structure(monkeypatch):
             target.writestr(info, data)
     with pytest.raises(modelfiles.ModelFileError, match=r"data\.pkl is damaged"):
         modelfiles.check_module_file(damaged.getvalue())
+
+
+class Buffers(torch.nn.Module):
+    """A TorchScript-ready module whose state dict is the given tensors, kept as buffers."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@pytest.fixture
+def no_jit_load(monkeypatch):
+    """Fail a test that loads a TorchScript archive instead of reading its records."""
+
+    def full_load(*args, **kwargs):
+        raise AssertionError("find_non_finite loaded the archive with torch.jit.load")
+
+    monkeypatch.setattr(torch.jit, "load", full_load)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64]
+)
+@pytest.mark.parametrize("position", [0, 15, 16, 17, 999])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_find_non_finite_torchscript_any_chunk(monkeypatch, no_jit_load, dtype, position, value):
+    # 64-byte chunks put the values at the start, middle and end of chunks.
+    monkeypatch.setattr(modelfiles, "_SCAN_CHUNK_BYTES", 64)
+    state = {"a": torch.ones(3, dtype=dtype), "b": torch.ones(1000, dtype=dtype)}
+    state["b"][position] = value
+    expected = "'b' contains NaN values" if math.isnan(value) else "'b' contains infinite values"
+    content = torchscript_bytes(Buffers(state))
+
+    assert modelfiles.find_non_finite(content) == expected
+    assert modelfiles.find_non_finite(ReadOnlyFile(io.BytesIO(content))) == expected
+
+
+def test_find_non_finite_torchscript_views(no_jit_load):
+    base = torch.zeros(10)
+    base[0] = float("nan")
+    transposed = torch.zeros(3, 4)
+    transposed[2, 1] = float("inf")
+    tied = TinyNet()
+    tied.fc2.weight = torch.nn.Parameter(torch.zeros(3, 8))
+    tied.register_parameter("head", tied.fc2.weight)
+
+    # The slice shares storage with a NaN outside the slice, which is not its data.
+    assert modelfiles.find_non_finite(torchscript_bytes(Buffers({"part": base[1:]}))) is None
+    assert modelfiles.find_non_finite(torchscript_bytes(Buffers({"whole": base}))) == (
+        "'whole' contains NaN values"
+    )
+    assert modelfiles.find_non_finite(torchscript_bytes(Buffers({"t": transposed.t()}))) == (
+        "'t' contains infinite values"
+    )
+    assert modelfiles.find_non_finite(torchscript_bytes(tied)) is None
+    with torch.no_grad():
+        tied.head[1, 1] = float("nan")
+    assert modelfiles.find_non_finite(torchscript_bytes(tied)) == "'head' contains NaN values"
+
+
+def compress_tensor_records(content: bytes) -> bytes:
+    compressed = io.BytesIO()
+    with (
+        zipfile.ZipFile(io.BytesIO(content)) as source,
+        zipfile.ZipFile(compressed, "w") as target,
+    ):
+        for info in source.infolist():
+            data = source.read(info.filename)
+            if "/data/" in info.filename:
+                info.compress_type = zipfile.ZIP_DEFLATED
+            target.writestr(info, data)
+    return compressed.getvalue()
+
+
+def test_find_non_finite_torchscript_falls_back_to_load(caplog):
+    module = TinyNet()
+    with torch.no_grad():
+        module.fc1.bias[3] = float("-inf")
+    content = compress_tensor_records(torchscript_bytes(module))
+
+    with caplog.at_level("INFO", logger="fedserve.modelfiles"):
+        problem = modelfiles.find_non_finite(content, FileFormat.TORCHSCRIPT)
+
+    assert problem == "'fc1.bias' contains infinite values"
+    assert "data/0 is compressed" in caplog.text

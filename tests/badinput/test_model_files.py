@@ -117,6 +117,11 @@ def test_preprocessing_file_rejected(world, unchanged, content, message):
     unchanged()
 
 
+def post_global_model(world, content: bytes, **fields):
+    body = {"name": "net", "description": "", "model_file": upload(content), **fields}
+    return client_for(world.actor).post("/api/models/", body, format="multipart")
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -129,12 +134,62 @@ def test_preprocessing_file_rejected(world, unchanged, content, message):
 def test_global_model_file_rejected(world, unchanged, content, message):
     unchanged()
 
-    response = client_for(world.actor).post(
-        "/api/models/",
-        {"name": "net", "description": "", "model_file": upload(content)},
-        format="multipart",
-    )
+    response = post_global_model(world, content)
 
     assert response.status_code == 400
     assert message in response.json()["model_file"][0]
+    unchanged()
+
+
+def with_value(module: torch.nn.Module, key: str, index: tuple[int, ...], value: float):
+    with torch.no_grad():
+        module.state_dict()[key][index] = value
+    return module
+
+
+NON_FINITE_MODELS = [
+    pytest.param(
+        torchscript_bytes(with_value(TinyNet(), "fc1.weight", (2, 3), float("nan"))),
+        "'fc1.weight' contains NaN values",
+        id="TorchScript NaN",
+    ),
+    pytest.param(
+        torchscript_bytes(with_value(TinyNet(), "fc2.bias", (0,), float("-inf"))),
+        "'fc2.bias' contains infinite values",
+        id="TorchScript infinity",
+    ),
+    pytest.param(
+        saved(with_value(TinyNet(), "fc2.weight", (1, 1), float("inf"))),
+        "'fc2.weight' contains infinite values",
+        id="pickled module infinity",
+    ),
+]
+
+
+@pytest.mark.parametrize("kind", ["GLOBAL", "SWAG"])
+@pytest.mark.parametrize(("content", "message"), NON_FINITE_MODELS)
+def test_global_model_non_finite_rejected(world, unchanged, settings, kind, content, message):
+    settings.FEDSERVE_ALLOW_PICKLED_MODULES = True
+    unchanged()
+
+    response = post_global_model(world, content, type=kind)
+
+    assert response.status_code == 400
+    (error,) = response.json()["model_file"]
+    assert message in error
+    assert error.endswith("; send finite weights.")
+    unchanged()
+
+
+def test_large_global_model_non_finite_rejected(world, unchanged, monkeypatch):
+    # Above this limit check_module_file does not load the archive, so only the scan reads it.
+    monkeypatch.setattr("fedserve.modelfiles.MODULE_CHECK_MAX_TENSOR_BYTES", 0)
+    monkeypatch.setattr(torch.jit, "load", None)
+    content = torchscript_bytes(with_value(TinyNet(), "fc1.bias", (7,), float("nan")))
+    unchanged()
+
+    response = post_global_model(world, content)
+
+    assert response.status_code == 400
+    assert "'fc1.bias' contains NaN values" in response.json()["model_file"][0]
     unchanged()

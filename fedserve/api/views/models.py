@@ -155,6 +155,19 @@ def _check_module_upload(field: str, upload: File[Any]) -> FileFormat:
     return fmt
 
 
+def _check_finite_weights(upload: File[Any], fmt: FileFormat) -> None:
+    """Reject a global model file whose state dict contains NaN or infinite values."""
+    try:
+        problem = modelfiles.find_non_finite(upload, fmt)
+    except modelfiles.ModelFileError as error:
+        raise ValidationError({"model_file": [str(error)]}) from None
+    upload.seek(0)
+    if problem:
+        raise ValidationError(
+            {"model_file": [f"The model's tensor {problem}; send finite weights."]}
+        )
+
+
 def _store_new_files(files: Iterable[tuple[str, File[Any]]]) -> list[str]:
     """Save uploads into the model store; on failure delete those already saved."""
     stored: list[str] = []
@@ -221,8 +234,8 @@ class ModelListCreate(APIView):
         responses={
             201: ModelCreatedSerializer,
             400: OpenApiResponse(
-                description="Invalid fields, or a file that is not a loadable module; the "
-                "message names the accepted formats."
+                description="Invalid fields, a file that is not a loadable module (the "
+                "message names the accepted formats), or weights with NaN or infinite values."
             ),
             401: _UNAUTHENTICATED,
             403: OpenApiResponse(description="A member of a MEAN model is not yours."),
@@ -262,6 +275,7 @@ class ModelListCreate(APIView):
         uploads: dict[str, tuple[str, File[Any]]] = {}
         if fields.get("model_file") is not None:
             model.weights_format = _check_module_upload("model_file", fields["model_file"])
+            _check_finite_weights(fields["model_file"], model.weights_format)
             path = modelstore.model_file_path(model.pk, "weights.pt")
             uploads["weights"] = (path, fields["model_file"])
         if fields.get("model_preprocessing_file") is not None:
