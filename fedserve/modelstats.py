@@ -1,7 +1,9 @@
 """Model statistics for the metadata endpoint: parameter counts, sizes and a layer summary.
 
 Modules are loaded on PyTorch's meta device, which keeps shapes and dtypes but no data, so
-the statistics of a large model cost neither its memory nor reading its weights.
+the statistics of a large model cost neither its memory nor reading its weights. Without an
+input shape nothing runs, and a TorchScript archive's statistics come from its layout, which
+modelfiles reads without torch.jit.load.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ def summarize(
     a free dimension counts as 1. It is None without an input shape or when the run fails.
     """
     try:
+        if fmt in (FileFormat.TORCHSCRIPT, FileFormat.PICKLED_MODULE) and input_shape is None:
+            # Counts and sizes need no module to run, so a TorchScript archive's layout is
+            # read without its tensor data.
+            layout = modelfiles.read_module_layout(fileobj, fmt)
+            return _module_stats(layout.parameters, layout.buffers, fmt, file_size)
         if fmt in (FileFormat.TORCHSCRIPT, FileFormat.PICKLED_MODULE):
             module = modelfiles.load_module(fileobj, fmt, map_location="meta")
             return _summarize_module(module, fmt, input_shape, file_size)
@@ -46,12 +53,11 @@ def summarize(
     }
 
 
-def _summarize_module(
-    module: torch.nn.Module, fmt: str, input_shape: list[int | None] | None, file_size: int
+def _module_stats(
+    parameters: list[torch.Tensor], buffers: list[torch.Tensor], fmt: str, file_size: int
 ) -> dict[str, Any]:
-    parameters = list(module.parameters())
-    buffers = list(module.buffers())
-    stats: dict[str, Any] = {
+    """Return the statistics of a module without a layer summary."""
+    return {
         "format": fmt,
         "file_size": file_size,
         "total_parameters": sum(p.numel() for p in parameters),
@@ -62,6 +68,12 @@ def _summarize_module(
         "output_shape": None,
         "layers": None,
     }
+
+
+def _summarize_module(
+    module: torch.nn.Module, fmt: str, input_shape: list[int | None] | None, file_size: int
+) -> dict[str, Any]:
+    stats = _module_stats(list(module.parameters()), list(module.buffers()), fmt, file_size)
     if input_shape is None:
         return stats
 

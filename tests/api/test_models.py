@@ -10,7 +10,7 @@ import pytest
 import torch
 from django.core.files.base import ContentFile
 
-from fedserve import modelstore
+from fedserve import modelfiles, modelstats, modelstore
 from fedserve.core.models import Metric, Model, ModelKind, SwagStatistic, TrainingState
 from tests.factories import (
     TinyNet,
@@ -21,6 +21,7 @@ from tests.factories import (
     state_dict_bytes,
     torchscript_bytes,
 )
+from tests.test_modelfiles_layout import Block, ConvNet, Nested, SharedBlock
 
 pytestmark = pytest.mark.django_db
 
@@ -505,6 +506,38 @@ def test_metadata_pickled_module_has_layer_shapes(model_store, settings):
 
     assert stats["format"] == "pickled_module"
     assert [layer["output_shape"] for layer in stats["layers"]] == [[1, 8], [1, 8], [1, 3]]
+
+
+def frozen_block() -> Block:
+    block = Block()
+    block.linear.requires_grad_(False)
+    return block
+
+
+@pytest.mark.parametrize("make_module", [TinyNet, frozen_block, Nested, SharedBlock, ConvNet])
+def test_metadata_stats_from_layout_unchanged(model_store, monkeypatch, make_module):
+    owner = make_user()
+    model = make_global_model(owner, input_shape=None)
+    model.weights_path = modelstore.save(
+        modelstore.model_file_path(model.pk, "module.pt"),
+        ContentFile(torchscript_bytes(make_module())),
+    )
+    model.weights_size = modelstore.size(model.weights_path)
+    model.save()
+    url = f"/api/models/{model.pk}/metadata/"
+
+    def load_on_meta(fileobj, fmt=None):
+        module = modelfiles.load_module(fileobj, fmt, map_location="meta")
+        return modelfiles.ModuleLayout(list(module.parameters()), list(module.buffers()))
+
+    with monkeypatch.context() as loading:
+        loading.setattr(modelstats.modelfiles, "read_module_layout", load_on_meta)
+        loaded = client_for(owner).get(url).json()
+    monkeypatch.setattr(torch.jit, "load", None)
+    read = client_for(owner).get(url).json()
+
+    assert loaded["stats"] is not None
+    assert read == loaded
 
 
 def test_metadata_without_input_shape_has_no_layers(model_store):
