@@ -782,6 +782,39 @@ def _class_declaration(node: ast.ClassDef) -> _ClassDeclaration:
 # Writing
 
 
+def map_state_dict(path: str) -> dict[str, torch.Tensor] | None:
+    """Memory-map the state dict of a torch.save zip file at `path`, read weights-only.
+
+    The tensors read the page cache directly instead of copies of it. The mapping is
+    private, so writes to the tensors never reach the file. Returns None for a file that
+    cannot be mapped (a legacy torch.save file, say) or that is not a dict of tensors.
+    The caller then loads it with `load_state_dict`, which raises the usual errors.
+    """
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError):
+        return None
+    if isinstance(loaded, dict) and all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in loaded.items()
+    ):
+        return loaded
+    return None
+
+
+def save_module(module: torch.nn.Module, fmt: str, path: str) -> None:
+    """Write a module to the file at `path` as a TorchScript archive or a pickled module.
+
+    A path, not a file object: torch.jit.save to a file object builds the whole archive in
+    memory first, which took about eight times as long for a 40 MB archive (torch 2.13).
+    """
+    if fmt == FileFormat.TORCHSCRIPT:
+        torch.jit.save(module, path)
+    elif fmt == FileFormat.PICKLED_MODULE:
+        torch.save(module, path)
+    else:
+        raise ModelFileError(f"The format {fmt!r} does not contain a module.")
+
+
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], fileobj: IO[bytes]) -> None:
     """Write a plain dict of tensors with torch.save, readable with weights_only=True."""
     plain = {key: tensor.detach().contiguous() for key, tensor in state_dict.items()}

@@ -166,6 +166,57 @@ def test_save_tensor_round_trip():
     assert torch.equal(modelfiles.load_tensor(buffer.getvalue()), torch.ones(4))
 
 
+def test_map_state_dict_reads_mapped_tensors(tmp_path):
+    path = tmp_path / "update.pt"
+    state = tiny_state_dict()
+    torch.save(state, path)
+
+    mapped = modelfiles.map_state_dict(str(path))
+
+    assert mapped is not None
+    assert list(mapped) == list(state)
+    for key, tensor in state.items():
+        assert torch.equal(mapped[key], tensor)
+
+
+def test_map_state_dict_declines_unmappable_files(tmp_path):
+    legacy = tmp_path / "legacy.pt"
+    torch.save(tiny_state_dict(), legacy, _use_new_zipfile_serialization=False)
+    single = tmp_path / "tensor.pt"
+    torch.save(torch.ones(3), single)
+
+    assert modelfiles.map_state_dict(str(legacy)) is None
+    assert modelfiles.map_state_dict(str(single)) is None
+
+
+def test_map_state_dict_never_runs_pickles(tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "malicious.pt"
+    path.write_bytes(malicious_bytes(marker))
+
+    assert modelfiles.map_state_dict(str(path)) is None
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("fmt", [FileFormat.TORCHSCRIPT, FileFormat.PICKLED_MODULE])
+def test_save_module_to_path(tmp_path, settings, fmt):
+    settings.FEDSERVE_ALLOW_PICKLED_MODULES = True
+    path = tmp_path / "module.pt"
+    module = (
+        modelfiles.load_module(torchscript_bytes()) if fmt == FileFormat.TORCHSCRIPT else TinyNet()
+    )
+
+    modelfiles.save_module(module, fmt, str(path))
+
+    assert modelfiles.detect_format(path.read_bytes()) == fmt
+    assert modelfiles.load_module(path.read_bytes())(torch.ones(1, 4)).shape == (1, 3)
+
+
+def test_save_module_rejects_weights_formats(tmp_path):
+    with pytest.raises(modelfiles.ModelFileError, match="does not contain a module"):
+        modelfiles.save_module(TinyNet(), FileFormat.STATE_DICT, str(tmp_path / "x.pt"))
+
+
 def test_write_module_with_weights_keeps_torchscript():
     source = torchscript_bytes()
     zeros = {key: torch.zeros_like(value) for key, value in tiny_state_dict().items()}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import pickle
 import tempfile
 from collections.abc import Iterator
 
@@ -105,25 +104,16 @@ def _load_global(model: Model) -> tuple[torch.nn.Module | None, dict[str, torch.
 def _load_update(update: Model) -> dict[str, torch.Tensor]:
     """Load a local update's state dict, memory-mapped when it is a local torch.save zip file.
 
-    Memory-mapped tensors read the page cache directly, which saves a copy of every update.
-    The mapping is private, so nothing written to the tensors reaches the file. The mapped
-    data cannot change either, because `modelstore.save` replaces a stored file by deleting
-    it and creating a new one.
-    Any other file, and one the mapped read rejects, goes through `modelfiles.load_state_dict`,
-    which raises its usual errors.
+    Mapping saves a copy of every update (see `modelfiles.map_state_dict`). The mapped data
+    cannot change under the aggregation, because `modelstore.save` replaces a stored file
+    by deleting it and creating a new one. Any other file, and one that cannot be mapped,
+    goes through `modelfiles.load_state_dict`, which raises its usual errors.
     """
     path = modelstore.local_path(update.weights_path)
     if path is not None and update.weights_format == FileFormat.STATE_DICT:
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError):
-            # For example a legacy (pre-1.6) torch.save file, which cannot be mapped.
-            loaded = None
-        if isinstance(loaded, dict) and all(
-            isinstance(key, str) and isinstance(value, torch.Tensor)
-            for key, value in loaded.items()
-        ):
-            return loaded
+        mapped = modelfiles.map_state_dict(path)
+        if mapped is not None:
+            return mapped
     with modelstore.open_file(update.weights_path) as handle:
         return modelfiles.load_state_dict(handle, update.weights_format or None)
 
@@ -137,19 +127,14 @@ def _store_global(
     """Write the new global model in the format of the current one and store it at `path`.
 
     The file is spooled to a named temporary file, which a local store moves into place. A
-    module is saved to the spool's path, because torch.jit.save to a file object first
-    builds the whole archive in memory: with torch 2.13 that took about eight times as long
-    for a 40 MB archive.
+    module is saved to the spool's path (see `modelfiles.save_module`).
     """
     spool = tempfile.NamedTemporaryFile(dir=settings.FILE_UPLOAD_TEMP_DIR, suffix=".pt")  # noqa: SIM115
     # Closing it deletes the spool, unless a local store has moved it into place.
     with modelstore.SpooledFile(spool) as spooled:
         if module is not None:
             module.load_state_dict(state, strict=True)
-            if model.weights_format == FileFormat.TORCHSCRIPT:
-                torch.jit.save(module, spool.name)
-            else:
-                torch.save(module, spool.name)
+            modelfiles.save_module(module, model.weights_format, spool.name)
         else:
             with modelstore.open_file(model.weights_path) as source:
                 modelfiles.write_module_with_weights(source, model.weights_format, state, spool)
