@@ -87,10 +87,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # again took about as long as the queries of a whole webhook delivery.
     DATABASES["default"]["CONN_MAX_AGE"] = 60
 else:
-    # NOTE: dj_database_url.parse always sets CONN_MAX_AGE (to 0 by default), so this
-    # setdefault keeps 0 and every request and task opens a new connection.
-    DATABASES["default"].setdefault("CONN_MAX_AGE", 60)
-    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # A new connection per request and task. Persistent connections would keep one open per
+    # gunicorn thread (FEDSERVE_THREADS) and per worker process, which passes PostgreSQL's
+    # default max_connections of 100 with a few processes. A pooler such as PgBouncer in
+    # front of the database reuses connections instead.
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
 EMBEDDED_DATABASE = "DATABASE_URL" not in os.environ
 
 # Model store: a local folder by default, or an S3-compatible bucket.
