@@ -272,7 +272,7 @@ def test_find_non_finite_reads_slices_and_torchscript():
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_find_non_finite_in_any_chunk(monkeypatch, dtype, position, value):
     # 64-byte chunks put the values at the start, middle and end of chunks.
-    monkeypatch.setattr(modelfiles, "_SCAN_CHUNK_BYTES", 64)
+    monkeypatch.setattr(modelfiles.values, "_SCAN_CHUNK_BYTES", 64)
     state = {"a": torch.ones(3, dtype=dtype), "b": torch.ones(1000, dtype=dtype)}
     state["b"][position] = value
     expected = "'b' contains NaN values" if math.isnan(value) else "'b' contains infinite values"
@@ -334,12 +334,12 @@ def test_check_module_file_loads_small_archives():
 
 
 def test_check_module_file_large_archive_checks_structure(monkeypatch):
-    monkeypatch.setattr(modelfiles, "MODULE_CHECK_MAX_TENSOR_BYTES", 16)
+    monkeypatch.setattr(modelfiles.loading, "MODULE_CHECK_MAX_TENSOR_BYTES", 16)
 
     def no_load(*args, **kwargs):
         raise AssertionError("a large archive must not be loaded")
 
-    monkeypatch.setattr(modelfiles, "load_module", no_load)
+    monkeypatch.setattr(modelfiles.loading, "load_module", no_load)
     assert modelfiles.check_module_file(torchscript_bytes()) == FileFormat.TORCHSCRIPT
 
     damaged = io.BytesIO()
@@ -385,7 +385,7 @@ def no_jit_load(monkeypatch):
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_find_non_finite_torchscript_any_chunk(monkeypatch, no_jit_load, dtype, position, value):
     # 64-byte chunks put the values at the start, middle and end of chunks.
-    monkeypatch.setattr(modelfiles, "_SCAN_CHUNK_BYTES", 64)
+    monkeypatch.setattr(modelfiles.values, "_SCAN_CHUNK_BYTES", 64)
     state = {"a": torch.ones(3, dtype=dtype), "b": torch.ones(1000, dtype=dtype)}
     state["b"][position] = value
     expected = "'b' contains NaN values" if math.isnan(value) else "'b' contains infinite values"

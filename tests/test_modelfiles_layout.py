@@ -130,7 +130,7 @@ def no_full_load(monkeypatch):
     def full_load(*args, **kwargs):
         raise AssertionError("the layout reader fell back to torch.jit.load")
 
-    monkeypatch.setattr(modelfiles, "load_state_dict", full_load)
+    monkeypatch.setattr(modelfiles.layout, "load_state_dict", full_load)
 
 
 @pytest.mark.parametrize("compile_module", [scripted, traced])

@@ -183,7 +183,7 @@ def test_global_model_non_finite_rejected(world, unchanged, settings, kind, cont
 
 def test_large_global_model_non_finite_rejected(world, unchanged, monkeypatch):
     # Above this limit check_module_file does not load the archive, so only the scan reads it.
-    monkeypatch.setattr("fedserve.modelfiles.MODULE_CHECK_MAX_TENSOR_BYTES", 0)
+    monkeypatch.setattr("fedserve.modelfiles.loading.MODULE_CHECK_MAX_TENSOR_BYTES", 0)
     monkeypatch.setattr(torch.jit, "load", None)
     content = torchscript_bytes(with_value(TinyNet(), "fc1.bias", (7,), float("nan")))
     unchanged()
