@@ -3,7 +3,17 @@
 from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
-from fedserve.api.views import groups, inference, models, notifications, trainings, users
+from fedserve.api.views import (
+    groups,
+    inference,
+    model_metadata,
+    model_preprocessing,
+    model_swag,
+    models,
+    notifications,
+    trainings,
+    users,
+)
 
 urlpatterns = [
     # Users and groups
@@ -22,14 +32,16 @@ urlpatterns = [
     # Models
     path("models/", models.ModelListCreate.as_view(), name="models"),
     path("models/<uuid:id>/", models.ModelDetail.as_view(), name="model-detail"),
-    path("models/<uuid:id>/metadata/", models.ModelMetadata.as_view(), name="model-metadata"),
-    path("models/<uuid:id>/metrics/", models.ModelMetrics.as_view(), name="model-metrics"),
+    path(
+        "models/<uuid:id>/metadata/", model_metadata.ModelMetadata.as_view(), name="model-metadata"
+    ),
+    path("models/<uuid:id>/metrics/", model_metadata.ModelMetrics.as_view(), name="model-metrics"),
     path(
         "models/<uuid:id>/preprocessing/",
-        models.ModelPreprocessing.as_view(),
+        model_preprocessing.ModelPreprocessing.as_view(),
         name="model-preprocessing",
     ),
-    path("models/<uuid:id>/swag/", models.ModelSwag.as_view(), name="model-swag"),
+    path("models/<uuid:id>/swag/", model_swag.ModelSwag.as_view(), name="model-swag"),
     # Trainings
     path("trainings/", trainings.TrainingListCreate.as_view(), name="trainings"),
     path("trainings/<uuid:id>/", trainings.TrainingDetail.as_view(), name="training-detail"),

@@ -14,7 +14,7 @@ from django.core.files.base import ContentFile
 from django.db import IntegrityError
 
 from fedserve import modelstore
-from fedserve.api.views import models as model_views
+from fedserve.api.views import model_swag, model_updates
 from fedserve.core.models import (
     Metric,
     Model,
@@ -242,7 +242,7 @@ def test_update_race_on_unique_constraint_is_409(update_round, hooks, model_stor
     assert post_update(participant, training.model, content).status_code == 201
     files_before = stored_files(model_store)
     # As if a concurrent request inserted its row after this one's duplicate check.
-    monkeypatch.setattr(model_views, "_has_update", lambda *args: False)
+    monkeypatch.setattr(model_updates, "_has_update", lambda *args: False)
 
     response = post_update(participant, training.model, content)
 
@@ -431,13 +431,13 @@ def test_swag_length_read_without_loading_model(swag_round, hooks, monkeypatch):
     )
     training.model.save()
     # module.parameters() lists the shared weight once: 16 + 4 + 4 + 4 + 4 float values.
-    length = model_views.modelfiles.count_float_parameters(torch.jit.load(io.BytesIO(content)))
+    length = model_swag.modelfiles.count_float_parameters(torch.jit.load(io.BytesIO(content)))
 
     def full_load(*args, **kwargs):
         raise AssertionError("the SWAG check loaded the whole global model")
 
     monkeypatch.setattr(torch.jit, "load", full_load)
-    monkeypatch.setattr(model_views.modelfiles, "load_module", full_load)
+    monkeypatch.setattr(model_swag.modelfiles, "load_module", full_load)
     too_short = post_swag(participant, training.model, torch.zeros(28), torch.ones(28))
     accepted = post_swag(participant, training.model, torch.zeros(length), torch.ones(length))
 
@@ -451,13 +451,13 @@ def test_update_check_reads_global_layout_once(update_round, hooks, monkeypatch)
     training, participant = update_round
     peer = training.participants.exclude(pk=participant.pk).get()
     reads = []
-    real = model_views.modelfiles.read_state_dict_layout
+    real = model_updates.modelfiles.read_state_dict_layout
 
     def counting(handle, fmt=None):
         reads.append(fmt)
         return real(handle, fmt)
 
-    monkeypatch.setattr(model_views.modelfiles, "read_state_dict_layout", counting)
+    monkeypatch.setattr(model_updates.modelfiles, "read_state_dict_layout", counting)
     content = state_dict_bytes(tiny_state())
 
     assert post_update(participant, training.model, content).status_code == 201
