@@ -13,7 +13,7 @@ import torch
 from django.core.files.base import ContentFile
 from django.db import IntegrityError
 
-from fedserve import modelstore
+from fedserve import modelfiles, modelstore
 from fedserve.api.views import model_swag, model_updates
 from fedserve.core.models import (
     Metric,
@@ -438,6 +438,7 @@ def test_swag_length_read_without_loading_model(swag_round, hooks, monkeypatch):
 
     monkeypatch.setattr(torch.jit, "load", full_load)
     monkeypatch.setattr(model_swag.modelfiles, "load_module", full_load)
+    monkeypatch.setattr(modelfiles.layout, "load_module", full_load)
     too_short = post_swag(participant, training.model, torch.zeros(28), torch.ones(28))
     accepted = post_swag(participant, training.model, torch.zeros(length), torch.ones(length))
 
