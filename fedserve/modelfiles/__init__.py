@@ -17,8 +17,9 @@ The submodules, whose public functions and classes this package re-exports:
 
 - `formats`: the accepted formats and `ModelFileError`.
 - `detection`: `detect_format`.
-- `loading`: modules, state dicts and tensors from files, and `check_module_file`.
-- `saving`: state dicts, tensors and modules to files, and `map_state_dict`.
+- `loading`: modules, state dicts and tensors from files, a memory-mapped state dict
+  (`map_state_dict`), and `check_module_file`.
+- `saving`: state dicts, tensors and modules to files.
 - `safetensors_files`: the safetensors header and tensor reader.
 - `layout`: keys, shapes and dtypes without tensor data, including the TorchScript reader.
 - `checks`: an update compared with the global model, and the float parameter count.
@@ -38,9 +39,9 @@ from fedserve.modelfiles.loading import (
     load_module,
     load_state_dict,
     load_tensor,
+    map_state_dict,
 )
 from fedserve.modelfiles.saving import (
-    map_state_dict,
     save_module,
     save_state_dict,
     save_tensor,

@@ -227,3 +227,22 @@ def load_tensor(fileobj: FileSource) -> torch.Tensor:
         f"The file is {_FORMAT_NAMES.get(fmt, fmt)}, not a single tensor; send a torch.save "
         "file of one tensor."
     )
+
+
+def map_state_dict(path: str) -> dict[str, torch.Tensor] | None:
+    """Memory-map the state dict of a torch.save zip file at `path`, read weights-only.
+
+    The tensors read the page cache directly instead of copies of it. The mapping is
+    private, so writes to the tensors never reach the file. Returns None for a file that
+    cannot be mapped (a legacy torch.save file, say) or that is not a dict of tensors.
+    The caller then loads it with `load_state_dict`, which raises the usual errors.
+    """
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError):
+        return None
+    if isinstance(loaded, dict) and all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in loaded.items()
+    ):
+        return loaded
+    return None
