@@ -32,7 +32,8 @@ def find_non_finite(fileobj: FileSource, fmt: str | None = None) -> str | None:
     The tensors checked are those of the state dict. For torch.save zip files, safetensors
     and TorchScript archives the data is read from the file in chunks into one reused
     buffer, so memory does not grow with the file size. Other formats are loaded whole, and
-    so are TorchScript archives that the layout reader cannot read (an INFO line says why).
+    so are TorchScript archives that the layout reader cannot read, with an INFO log line
+    that gives the reason.
     """
     handle = _as_file(fileobj)
     fmt = fmt or detect_format(handle)
