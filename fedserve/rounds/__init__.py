@@ -115,6 +115,10 @@ def schedule_check(training_id: UUID | str) -> None:
 
 
 def _mark_reachable(training_id: UUID | str, user_id: UUID | str) -> None:
-    Participation.objects.filter(training_id=training_id, user_id=user_id, unreachable=True).update(
-        unreachable=False
+    # Reading first, because on SQLite an UPDATE takes the database's write lock even when
+    # no row matches, and almost every delivery comes from a participant marked reachable.
+    flagged = Participation.objects.filter(
+        training_id=training_id, user_id=user_id, unreachable=True
     )
+    if flagged.exists():
+        flagged.update(unreachable=False)

@@ -45,12 +45,17 @@ def failure_reason(training: Training, progress: Progress, minimum: int) -> str:
 
 
 def needs_check(training: Training, now: datetime.datetime) -> bool:
-    """Tell whether a round switch may be due: a complete phase, a deadline, a lapsed claim."""
+    """Tell whether a round switch may be due: a complete phase, a deadline, a lapsed claim,
+    or no participants left (the check then ends the training).
+    """
     if training.phase == AGGREGATING:
         return passed(training, now)
     if training.phase not in COLLECTING_PHASES:
         return False
-    return passed(training, now) or measure(training).complete
+    if passed(training, now):
+        return True
+    progress = measure(training)
+    return progress.complete or progress.expected == 0
 
 
 def sweep() -> int:

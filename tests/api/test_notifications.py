@@ -215,3 +215,17 @@ def test_long_poll_returns_when_notification_arrives(live_server, live_puller):
     assert response.status_code == 200
     assert [item["seq"] for item in response.json()] == [created[0].pk]
     assert 0.5 <= elapsed < 10
+
+
+def test_wait_closes_connection_only_on_server(transactional_db, monkeypatch):
+    user = make_user()
+    closes = []
+    monkeypatch.setattr(connection, "close", lambda: closes.append(1))
+
+    page = feed.wait_for_notifications(user.pk, 0, 0.6)
+
+    assert page == []
+    if connection.vendor == "sqlite":
+        assert closes == []
+    else:
+        assert len(closes) >= 2

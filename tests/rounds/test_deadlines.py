@@ -7,7 +7,7 @@ import datetime
 import pytest
 from django.utils import timezone
 
-from fedserve.core.models import Model, RoundPhase, Training, TrainingState
+from fedserve.core.models import Model, Participation, RoundPhase, Training, TrainingState
 from fedserve.rounds import deadlines, switch
 from fedserve.rounds.progress import AGGREGATING
 from tests.rounds.conftest import (
@@ -228,3 +228,35 @@ def test_check_of_deleted_training_does_nothing():
     switch.check_round(training_id)
 
     assert not Training.objects.filter(pk=training_id).exists()
+
+
+def test_open_round_check_skips_lock(aggregations, monkeypatch):
+    training, _actor, users = started_training(participants=2)
+    locked = []
+    original = switch.locked_training
+
+    def counting(training_id):
+        locked.append(training_id)
+        return original(training_id)
+
+    monkeypatch.setattr(switch, "locked_training", counting)
+    store_update(training, users[0])
+    switch.check_round(training.pk)
+    assert locked == []
+
+    store_update(training, users[1])
+    switch.check_round(training.pk)
+    assert locked
+    assert aggregations.updates == 1
+    assert fresh(training).model.round == 1
+
+
+def test_sweep_fails_training_without_participants():
+    training, _actor, _users = started_training(participants=2)
+    Participation.objects.filter(training_id=training.pk).delete()
+
+    assert deadlines.sweep() == 1
+
+    training = fresh(training)
+    assert training.state == TrainingState.ERROR
+    assert "Every participant left" in training.error_reason
