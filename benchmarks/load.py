@@ -499,8 +499,9 @@ def run_participants(args: argparse.Namespace) -> None:
         actor_token, participants = create_users(env, args.participants)
         port = free_port()
         base = f"http://127.0.0.1:{port}/api/"
-        log_path = Path(temporary) / "server.log"
+        log_path = args.server_log or Path(temporary) / "server.log"
         server = start_server(env, port, log_path)
+        print(f"server process {server.pid}, log {log_path}", flush=True)
         context = multiprocessing.get_context("spawn")
         workers: list[Any] = []
         try:
@@ -717,6 +718,11 @@ def parse_args() -> argparse.Namespace:
         "--server-threads", type=int, default=300, help="FEDSERVE_THREADS of the server"
     )
     crowd.add_argument("--timeout", type=float, default=900.0, help="seconds before giving up")
+    crowd.add_argument(
+        "--server-log",
+        type=Path,
+        help="file that keeps the server's log after the run (default: a temporary file)",
+    )
 
     memory = scenarios.add_parser("memory", help="server RSS over rounds of a ~100 MB model")
     memory.add_argument("--participants", type=int, default=3, help="participant count")
