@@ -69,12 +69,14 @@ CLOSE_AFTER_BODY = "close after body"
 class ConnectionScript:
     """An HTTP/1.1 server on 127.0.0.1 that follows a script per connection and request.
 
-    The n-th accepted connection takes the n-th list of actions, one per request on it:
-    `(RESPOND, status, body)` sends a JSON response and keeps the connection open,
-    `(CLOSE_ON_ARRIVAL,)` closes the connection as soon as the request's first bytes
-    arrive, as a server does whose keep-alive timeout ends at that moment, and
-    `(CLOSE_AFTER_BODY,)` reads the whole request and closes without a response, as when a
-    response is lost. Each request is recorded with its connection number.
+    The n-th accepted connection takes the n-th list of actions, one per request on it.
+    Each request is recorded with its connection number. The actions:
+
+    - `(RESPOND, status, body)` sends a JSON response and keeps the connection open.
+    - `(CLOSE_ON_ARRIVAL,)` closes the connection as soon as the request's first bytes
+      arrive, as a server does whose keep-alive timeout ends at that moment.
+    - `(CLOSE_AFTER_BODY,)` reads the whole request and closes without a response, as when
+      a response is lost.
     """
 
     def __init__(self, connections: list[list[tuple[Any, ...]]]) -> None:

@@ -444,6 +444,7 @@ class Receiver:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 message = json.loads(self.rfile.read(length))
+                receiver.before_accepting(message)
                 receiver.received.append(message)
                 receiver.inbox.put(message)
                 self.send_response(200)
@@ -457,6 +458,12 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def before_accepting(self, message: dict[str, Any]) -> None:
+        """Run in the request's thread before the message is accepted; a subclass may wait."""
+
+    def count(self, notification_type: str, **body: Any) -> int:
+        return sum(1 for message in self.received if _matches(message, notification_type, body))
 
     def close(self) -> None:
         self.server.shutdown()

@@ -8,7 +8,6 @@ finishes with one aggregation per round and every notification delivered once.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
@@ -18,7 +17,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from tests.e2e.cluster import (
     Cluster,
     FedserveProcess,
     Feed,
+    Receiver,
     create_training,
     download_state,
     free_port,
@@ -331,37 +330,21 @@ def wait_for_broker_connections(worker: FedserveProcess, count: int, timeout: fl
     )
 
 
-class HoldingReceiver:
+class HoldingReceiver(Receiver):
     """A webhook endpoint on 127.0.0.1 that delays its first response until `release`.
 
     Until then, the worker that posted the request runs its delivery task unacknowledged.
     """
 
     def __init__(self) -> None:
-        self.received: list[dict[str, Any]] = []
         self.first_arrived = threading.Event()
         self.released = threading.Event()
-        receiver = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", "0"))
-                message = json.loads(self.rfile.read(length))
-                if not receiver.first_arrived.is_set():
-                    receiver.first_arrived.set()
-                    receiver.released.wait(120)
-                receiver.received.append(message)
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+    def before_accepting(self, message: dict[str, Any]) -> None:
+        if not self.first_arrived.is_set():
+            self.first_arrived.set()
+            self.released.wait(120)
 
     def release(self) -> None:
         self.released.set()
@@ -377,18 +360,9 @@ class HoldingReceiver:
             f"{[(m['notification_type'], m['body']) for m in self.received]}"
         )
 
-    def count(self, notification_type: str, **body: Any) -> int:
-        return sum(
-            1
-            for message in self.received
-            if message["notification_type"] == notification_type
-            and all(message["body"].get(key) == value for key, value in body.items())
-        )
-
     def close(self) -> None:
         self.release()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
 
 @pytest.fixture
