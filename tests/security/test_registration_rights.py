@@ -91,7 +91,7 @@ def test_message_endpoint_rejects_non_http(endpoint):
         "http://127.0.0.1:9000/hook",
         "https://127.0.0.1/hook?token=abc",
         "HTTP://127.0.0.1:9000/upper",
-        "http://localhost:8080/",
+        "http://127.0.0.1:8080/",
     ],
 )
 def test_message_endpoint_accepts_http_urls(endpoint):
